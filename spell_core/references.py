@@ -146,3 +146,12 @@ def encode_folder(folder: Path, width: int, height: int, mode: str, encoder: str
         if progress is not None:
             progress(n + 1, len(files))
     return torch.cat(out), encoded
+
+
+def fit_batch(images: np.ndarray, width: int, height: int, mode: str) -> np.ndarray:
+    """IMAGE-style batch [B, H, W, 3] in 0..1 -> [B, height, width, 3], each through fit_image."""
+    if images.shape[1:3] == (height, width):
+        return images.astype(np.float32)
+    out = [fit_image(Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)), width, height, mode)
+           for im in images]
+    return np.stack(out)

@@ -124,3 +124,27 @@ class SpellRun:
         self.log.nearest_batch = nearest(x, x, ~torch.eye(b, dtype=torch.bool, device=x.device)).tolist()
         self.log.finished = True
         return x
+
+
+class RunHistory:
+    """The logs of the runs of one patched model, latest last (at most ``keep``).
+
+    A shared handle: ComfyUI's ``ModelPatcher.clone()`` deep-copies ``model_options``, and a copy would
+    stop seeing later runs, so copying returns the same object.
+    """
+
+    def __init__(self, keep: int = 16):
+        self.keep = keep
+        self.runs: list[RunLog] = []
+
+    def add(self, log: RunLog) -> None:
+        self.runs = (self.runs + [log])[-self.keep:]
+
+    def latest(self) -> RunLog | None:
+        return self.runs[-1] if self.runs else None
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self

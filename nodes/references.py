@@ -1,0 +1,170 @@
+"""SpellProtectedSetLoader and SpellProtectedSetSave: protected sets (SPELL's static references).
+
+A set is a ``spell_core.ReferenceSet`` (VAE-space latents); it travels between nodes as the custom type
+SPELL_REFERENCES. Folders are read from ComfyUI's input directory, set files from ``models/spell_sets``,
+encodings cached under ``user/spell/encodings`` keyed by image content, VAE and preprocessing.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import comfy.utils
+import folder_paths
+import torch
+
+from ..spell_core import ReferenceSet, StorageError
+from ..spell_core.references import RESIZE_MODES, EncodingCache, encode_folder, fingerprint_tensors, fit_batch, list_images
+from ..spell_core.storage import inside
+from .common import SpellInputError, user_folder
+
+SETS = "spell_sets"
+NONE = "(none)"
+if SETS not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths[SETS] = ([os.path.join(folder_paths.models_dir, SETS)], {".safetensors"})
+
+
+def input_folders() -> list[str]:
+    """Sub-folders of ComfyUI's input directory that hold images (one level deep)."""
+    base = Path(folder_paths.get_input_directory())
+    return sorted(p.name for p in base.iterdir() if p.is_dir() and list_images(p)) if base.is_dir() else []
+
+
+class SpellProtectedSetLoader:
+    NODE_ID = "SpellProtectedSetLoader"
+    DISPLAY_NAME = "SPELL Protected Set Loader"
+    CATEGORY = "SPELL"
+    DESCRIPTION = (
+        "Builds a protected set: reference latents that SPELL Sparse Repellency keeps outputs away from. Sources "
+        "(all that are given are combined): a folder of images under ComfyUI's input folder, a saved set file "
+        "(models/spell_sets), an IMAGE batch, a LATENT. Images are fitted to width x height and encoded with the "
+        "connected VAE; encodings are cached, so a re-run does not encode again."
+    )
+    RETURN_TYPES = ("SPELL_REFERENCES", "STRING")
+    RETURN_NAMES = ("references", "summary")
+    FUNCTION = "load"
+    SEARCH_ALIASES = ["SPELL", "protected", "shield", "references"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "folder": ([NONE] + input_folders(), {"tooltip": "A folder under ComfyUI's input directory whose "
+                                                              "images are protected (PNG, JPEG, WebP, BMP)."}),
+                "set_file": ([NONE] + folder_paths.get_filename_list(SETS), {"tooltip":
+                    "A set saved with SPELL Protected Set Save (models/spell_sets)."}),
+                "width": ("INT", {"default": 512, "min": 8, "max": 16384, "step": 8, "tooltip":
+                    "Generation width: images are fitted to it before encoding (must match the sampler's latent)."}),
+                "height": ("INT", {"default": 512, "min": 8, "max": 16384, "step": 8, "tooltip": "Generation height."}),
+                "resize": (list(RESIZE_MODES), {"tooltip": "center crop: crop the centred window of the target aspect "
+                                                           "ratio, then resize (Lanczos). stretch: resize only."}),
+            },
+            "optional": {
+                "vae": ("VAE", {"tooltip": "The VAE of the model you sample with; needed for folders and images."}),
+                "images": ("IMAGE", {"tooltip": "Images to protect (encoded with the VAE)."}),
+                "latent": ("LATENT", {"tooltip": "Latents to protect, as they are."}),
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, folder, set_file, **kwargs):
+        """Re-run when the folder's files or the set file change."""
+        h = hashlib.sha256()
+        if folder != NONE:
+            base = Path(folder_paths.get_input_directory(), folder)
+            for p in list_images(base) if base.is_dir() else []:
+                st = p.stat()
+                h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        if set_file != NONE:
+            path = folder_paths.get_full_path(SETS, set_file)
+            if path and os.path.exists(path):
+                h.update(f"{set_file}:{os.stat(path).st_mtime_ns}".encode())
+        return h.hexdigest()
+
+    def load(self, folder, set_file, width, height, resize, vae=None, images=None, latent=None):
+        if width % 8 or height % 8:
+            raise SpellInputError(self.NODE_ID, f"width and height must be multiples of 8, got {width} x {height}.")
+        parts = []
+        try:
+            if folder != NONE:
+                parts.append(self.from_folder(folder, width, height, resize, vae))
+            if set_file != NONE:
+                parts.append(self.from_file(set_file))
+            if images is not None:
+                parts.append(self.from_images(images, width, height, resize, vae))
+            if latent is not None:
+                parts.append(ReferenceSet(latent["samples"].detach().float().cpu(), {"sources": ["LATENT input"]}))
+        except StorageError as e:
+            raise SpellInputError(self.NODE_ID, str(e)) from e
+        if not parts:
+            raise SpellInputError(self.NODE_ID, "no source given: choose a folder or a set file, or connect images or a latent.")
+        refs = parts[0]
+        for p in parts[1:]:
+            if p.item_shape != refs.item_shape:
+                raise SpellInputError(self.NODE_ID, f"sources give latents of different shapes {refs.item_shape} and "
+                                                    f"{p.item_shape}; use the same VAE and size for all of them.")
+            refs = refs.merged(p)
+        summary = f"{len(refs)} references, latent shape {refs.item_shape}, from: " + "; ".join(refs.meta.get("sources", []))
+        return (refs, summary)
+
+    def need_vae(self, vae, what):
+        if vae is None:
+            raise SpellInputError(self.NODE_ID, f"{what} must be encoded: connect the VAE of the model you sample with.")
+
+    def from_folder(self, folder, width, height, resize, vae):
+        self.need_vae(vae, f"the images of folder {folder!r}")
+        path = inside(folder_paths.get_input_directory(), folder)
+        if not path.is_dir():
+            raise StorageError(f"folder {folder!r} does not exist under ComfyUI's input directory")
+        bar = comfy.utils.ProgressBar(max(len(list_images(path)), 1))
+        latents, _ = encode_folder(path, width, height, resize, fingerprint_tensors(vae.get_sd()), vae.encode,
+                                   EncodingCache(user_folder("encodings")), lambda done, total: bar.update_absolute(done, total))
+        return ReferenceSet(latents, {"sources": [f"folder {folder} ({len(latents)} images, {width}x{height}, {resize})"]})
+
+    def from_file(self, set_file):
+        path = folder_paths.get_full_path(SETS, set_file)
+        if path is None:
+            raise StorageError(f"set file {set_file!r} not found in models/{SETS}")
+        inside(os.path.dirname(path), os.path.basename(path))
+        refs = ReferenceSet.load(path)
+        refs.meta["sources"] = [f"file {set_file} ({len(refs)})"]
+        return refs
+
+    def from_images(self, images, width, height, resize, vae):
+        self.need_vae(vae, "the connected images")
+        pixels = torch.from_numpy(fit_batch(images.detach().cpu().numpy(), width, height, resize))
+        latents = torch.cat([vae.encode(pixels[i:i + 1]).detach().float().cpu() for i in range(len(pixels))])
+        return ReferenceSet(latents, {"sources": [f"IMAGE input ({len(latents)}, {width}x{height}, {resize})"]})
+
+
+class SpellProtectedSetSave:
+    NODE_ID = "SpellProtectedSetSave"
+    DISPLAY_NAME = "SPELL Protected Set Save"
+    CATEGORY = "SPELL"
+    DESCRIPTION = "Saves a protected set to models/spell_sets/<name>.safetensors for SPELL Protected Set Loader."
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "references": ("SPELL_REFERENCES", {"tooltip": "The set to save."}),
+            "name": ("STRING", {"default": "protected", "tooltip": "File name (without extension) under models/spell_sets."}),
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name (off: refuse)."}),
+        }}
+
+    def save(self, references, name, overwrite):
+        base = folder_paths.get_folder_paths(SETS)[0]
+        try:
+            path = inside(base, f"{name}.safetensors")
+        except StorageError as e:
+            raise SpellInputError(self.NODE_ID, f"{e}; give a plain file name.") from e
+        if path.exists() and not overwrite:
+            raise SpellInputError(self.NODE_ID, f"{path.name} already exists; choose another name or switch overwrite on.")
+        references.save(path)
+        return {"ui": {"text": [f"saved {len(references)} references to models/{SETS}/{path.name}"]}}
+
+
+NODES = [SpellProtectedSetLoader, SpellProtectedSetSave]

@@ -1,0 +1,145 @@
+"""SpellRepellency: sparse repellency (SPELL, Kirchhof et al., ICML 2025, arXiv 2410.06025) as a MODEL patch.
+
+Hooks, both chaining with other nodes' patches:
+- post-CFG function (``comfy/samplers.py: cfg_function``): reads ``denoised`` (x̂0 after CFG, whole batch),
+  ``input`` (x_t), ``sigma`` and ``model_options``; returns x̂0 + Δ.
+- OUTER_SAMPLE wrapper (``comfy/samplers.py: CFGGuider.sample``): starts one ``spell_core.SpellRun`` per
+  sampling run (references moved to model space, stored memory read), keeps it in the run's own
+  ``model_options["transformer_options"]`` under this node's key, and at the end enforces the shield on
+  the final latents and appends them to the batch memory.
+"""
+from __future__ import annotations
+
+import uuid
+
+import comfy.patcher_extension
+import torch
+
+from ..spell_core import RunHistory, SpellConfig, SpellRun
+from ..spell_core.repellency import IN_BATCH_MODES
+from ..spell_core.storage import StorageError
+from .common import SpellInputError
+
+HISTORY_KEY = "spell_history"
+
+
+class SpellRepellency:
+    NODE_ID = "SpellRepellency"
+    DISPLAY_NAME = "SPELL Sparse Repellency"
+    CATEGORY = "SPELL"
+    DESCRIPTION = (
+        "Sparse repellency (SPELL, ICML 2025): at each step, pushes every image's predicted final result out of "
+        "radius-r balls around reference latents (protected set, batch memory, the other images of the batch) "
+        "and leaves it alone otherwise. Place it anywhere in the MODEL chain before the sampler; it chains with "
+        "other post-CFG patches."
+    )
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with sparse repellency applied when it samples.",)
+    FUNCTION = "patch"
+    SEARCH_ALIASES = ["SPELL", "repellency", "diversity", "shield"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to patch."}),
+                "radius": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
+                    "Shield radius r: RMS distance in the model's latent space (the same value means the same at any "
+                    "resolution). Images whose predicted result comes closer than r to a reference are pushed out. "
+                    "Tune this first; see the README for how to choose it."}),
+                "overcompensation": ("FLOAT", {"default": 1.6, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip":
+                    "λ: how far past the ball's border the push aims. 1 moves exactly to the border; the paper uses "
+                    "1.6. 0 switches the push off."}),
+                "in_batch": (list(IN_BATCH_MODES), {"default": "mutual", "tooltip":
+                    "Repel the images of one batch from each other. mutual: every image from every other; ordered: "
+                    "image i only from images before it (the first image is never changed); off: only the protected "
+                    "set and the memory repel."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                    "Where in the schedule the push starts (0 = first step)."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                    "Where in the schedule the push ends (1 = last step)."}),
+                "enforce_shield": ("BOOLEAN", {"default": True, "tooltip":
+                    "Guarantee: final outputs closer than r to a protected reference or a memory entry are moved "
+                    "the shortest way out (counted in the report). Off: the push alone, as in the paper."}),
+            },
+            "optional": {
+                "references": ("SPELL_REFERENCES", {"tooltip": "Protected set: latents the outputs must stay away from."}),
+                "memory": ("SPELL_MEMORY", {"tooltip": "Batch memory: earlier outputs to repel from; this run's "
+                                                       "final latents are appended to it."}),
+            },
+        }
+
+    def patch(self, model, radius, overcompensation, in_batch, start_percent, end_percent, enforce_shield,
+              references=None, memory=None):
+        if not radius > 0:
+            raise SpellInputError(self.NODE_ID, f"radius must be > 0, got {radius}. To switch SPELL off, bypass the node.")
+        if start_percent >= end_percent:
+            raise SpellInputError(self.NODE_ID, f"start_percent ({start_percent}) must be below end_percent ({end_percent}).")
+        if references is not None and len(references) == 0:
+            raise SpellInputError(self.NODE_ID, "the protected set is empty; connect a loader with images or latents.")
+        key = f"spell_{uuid.uuid4().hex[:8]}"
+        history = RunHistory()
+        patched = model.clone()
+
+        def spell_outer_sample(executor, *args, **kwargs):
+            """Starts a SpellRun, samples, then enforces the shield and fills the memory."""
+            guider = executor.class_obj
+            noise, sigmas = args[0], args[3]
+            base = guider.model_patcher.model
+            sampling = guider.model_patcher.get_model_object("model_sampling")
+            config = SpellConfig(radius, overcompensation, in_batch, float(sampling.percent_to_sigma(start_percent)),
+                                 float(sampling.percent_to_sigma(end_percent)), enforce_shield)
+            run = SpellRun(config, static_references(self.NODE_ID, base, noise.shape, references, memory), noise.shape)
+            guider.model_options.setdefault("transformer_options", {})[key] = run
+            out = executor(*args, **kwargs)
+            if float(sigmas[-1]) == 0:  # a complete run; partial ones (KSamplerAdvanced) stay untouched
+                out = base.process_latent_out(run.finish(base.process_latent_in(out)))
+                if memory is not None:
+                    memory.append(out)
+            history.add(run.log)
+            return out
+
+        def spell_post_cfg(args):
+            """x̂0 -> x̂0 + Δ."""
+            run = args["model_options"]["transformer_options"][key]
+            return run.step(args["denoised"], args["input"], args["sigma"])
+
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, spell_outer_sample)
+        patched.set_model_sampler_post_cfg_function(spell_post_cfg)
+        patched.model_options.setdefault("transformer_options", {}).setdefault(HISTORY_KEY, []).append(history)
+        return (patched,)
+
+
+def static_references(node_id, base, sample_shape, references, memory):
+    """Protected set + stored memory in model space, checked against the sampler's latents."""
+    parts = []
+    item = tuple(sample_shape[1:])
+    sources = (("protected set", references.latents if references is not None else None),
+               ("batch memory", load_memory(node_id, memory)))
+    for what, latents in sources:
+        if latents is None:
+            continue
+        if tuple(latents.shape[1:]) != item:
+            raise SpellInputError(node_id, describe_mismatch(what, tuple(latents.shape[1:]), item))
+        parts.append(base.process_latent_in(latents.float()))
+    return torch.cat(parts) if parts else None
+
+
+def load_memory(node_id, memory):
+    if memory is None:
+        return None
+    try:
+        return memory.latents()
+    except StorageError as e:
+        raise SpellInputError(node_id, f"{e}; the file was left as it is: fix or move it, or use another memory name.") from e
+
+
+def describe_mismatch(what, have, want):
+    if have[0] != want[0]:
+        return (f"the {what} holds {have[0]}-channel latents but this model samples {want[0]}-channel latents "
+                f"(another model family); build it with this model's VAE.")
+    return (f"the {what} holds latents of size {have[1:]} but this sampler makes {want[1:]}; generate at the set's "
+            f"size or rebuild the set at width/height = 8 x {want[-1]} / 8 x {want[-2]}.")
+
+
+NODES = [SpellRepellency]
