@@ -7,6 +7,9 @@ variant (SD3/Flux-style latent format and flow sampling) exists for tests. Condi
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -18,6 +21,9 @@ import comfy.supported_models_base
 
 CONTEXT_DIM = 32
 TOKENS = 2
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_model.safetensors"
+META_KEY = "spell_demo"  # safetensors metadata key holding the demo's json metadata
+TOKENS_KEY = "class_tokens"  # tensor key of the prompt table [prompts, TOKENS, CONTEXT_DIM]
 MODEL_TYPES = {
     "eps": comfy.model_base.ModelType.EPS,
     "v_prediction": comfy.model_base.ModelType.V_PREDICTION,
@@ -123,3 +129,49 @@ class PixelShuffleVAE:
 
     def spacial_compression_decode(self) -> int:
         return self.downscale
+
+
+class DemoPrompts:
+    """The demo's learned prompt table: ``tokens`` [P, TOKENS, CONTEXT_DIM], one row per name in ``names``
+    (digit classes, "any digit", "(empty)"); ``meta`` is the training metadata (mixture, sizes, seeds)."""
+
+    def __init__(self, tokens: torch.Tensor, names: list[str], meta: dict | None = None):
+        if tokens.shape[0] != len(names):
+            raise ValueError(f"prompt table has {tokens.shape[0]} rows but {len(names)} names")
+        self.tokens, self.names, self.meta = tokens, list(names), dict(meta or {})
+
+    def tokens_for(self, name: str) -> torch.Tensor:
+        """Token tensor [1, TOKENS, CONTEXT_DIM] of one prompt name."""
+        if name not in self.names:
+            raise ValueError(f"unknown demo prompt {name!r}; choose one of {self.names}")
+        i = self.names.index(name)
+        return self.tokens[i:i + 1].clone()
+
+    def conditioning(self, name: str) -> list:
+        """ComfyUI CONDITIONING of one prompt name."""
+        return conditioning(self.tokens_for(name))
+
+
+def save_demo(path: str | Path, unet_state: dict, tokens: torch.Tensor, meta: dict) -> None:
+    """Writes U-Net weights (float16), the prompt table (float32) and json metadata into one safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors = {f"unet.{k}": v.detach().to(torch.float16).contiguous() for k, v in unet_state.items()}
+    tensors[TOKENS_KEY] = tokens.detach().float().contiguous()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
+
+
+def load_demo(path: str | Path = DEMO_WEIGHTS):
+    """(ModelPatcher, PixelShuffleVAE, DemoPrompts) from a file written by ``save_demo``."""
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no demo weights at {path}; run `python -m demo.train`")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()[META_KEY])
+    tensors = load_file(str(path))
+    unet = {k[len("unet."):]: v.float() for k, v in tensors.items() if k.startswith("unet.")}
+    model = build_model(meta["model_type"], meta["channels"], state_dict=unet, model_channels=meta["model_channels"])
+    return model, PixelShuffleVAE(), DemoPrompts(tensors[TOKENS_KEY], meta["prompt_names"], meta)

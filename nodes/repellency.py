@@ -91,9 +91,12 @@ class SpellRepellency:
                                  float(sampling.percent_to_sigma(end_percent)), enforce_shield)
             run = SpellRun(config, static_references(self.NODE_ID, base, noise.shape, references, memory), noise.shape)
             guider.model_options.setdefault("transformer_options", {})[key] = run
+            complete = float(sigmas[-1]) == 0  # read first: uni_pc overwrites sigmas[-1] in place
             out = executor(*args, **kwargs)
-            if float(sigmas[-1]) == 0:  # a complete run; partial ones (KSamplerAdvanced) stay untouched
-                out = base.process_latent_out(run.finish(base.process_latent_in(out)))
+            if complete:  # partial runs (KSamplerAdvanced with leftover noise) stay untouched
+                fixed, moved = run.finish(base.process_latent_in(out))
+                if bool(moved.any()):  # untouched rows keep their exact bits (no round trip through the format)
+                    out = torch.where(moved.view(-1, *[1] * (out.ndim - 1)), base.process_latent_out(fixed), out)
                 if memory is not None:
                     memory.append(out)
             history.add(run.log)

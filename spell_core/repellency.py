@@ -109,7 +109,7 @@ def project_out(x: torch.Tensor, z: torch.Tensor, r: float, margin: float = 1e-4
     Exact: a single ball gives the radial projection onto its border; overlapping balls cannot trap a
     point (the ray leaves their union). Computed in float64, returned in x's dtype.
     """
-    xf, zf = flat32(x).double(), flat32(z).double()
+    xf, zf = x.reshape(x.shape[0], -1).double(), z.reshape(z.shape[0], -1).double()
     out = xf.clone()
     if zf.shape[0] == 0:
         return x
@@ -126,7 +126,7 @@ def project_out(x: torch.Tensor, z: torch.Tensor, r: float, margin: float = 1e-4
 def nearest(x: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """RMS distance from each row of x [B, ...] to its nearest row of z [N, ...] (inf if none) -> [B]."""
     if z.shape[0] == 0:
-        return torch.full((x.shape[0],), math.inf)
+        return x.new_full((x.shape[0],), math.inf, dtype=torch.float32)
     d = rms_cdist(flat32(x), flat32(z))
     if mask is not None:
         d = torch.where(mask, d, torch.full_like(d, math.inf))

@@ -110,21 +110,21 @@ class SpellRun:
             return x0
         return x0 + delta
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        """Final outputs [B, ...] (model space): projected out of the static shield if enforce is on."""
+    def finish(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final outputs [B, ...] (model space) -> (outputs, moved [B] bool): rows closer than r to a static
+        reference are projected out of the shield if enforce is on; other rows are returned untouched."""
         static = self.static_on(x)
-        before = nearest(x, static)
+        moved = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         if self.config.enforce and static.shape[0]:
-            moved = before < self.config.r
+            moved = nearest(x, static).to(x.device) < self.config.r
             if bool(moved.any()):
                 x = project_out(x, static, self.config.r, self.config.margin)
-            self.log.enforced = int(moved.sum())
+        self.log.enforced = int(moved.sum())
         self.log.nearest_static = nearest(x, static).tolist()
         b = x.shape[0]
         self.log.nearest_batch = nearest(x, x, ~torch.eye(b, dtype=torch.bool, device=x.device)).tolist()
         self.log.finished = True
-        return x
-
+        return x, moved
 
 class RunHistory:
     """The logs of the runs of one patched model, latest last (at most ``keep``).

@@ -89,6 +89,13 @@ def start(base_directory: str | os.PathLike, cpu: bool | None = None):
     return _started["nodes"]
 
 
+def current_base() -> Path:
+    """The base directory of the running ComfyUI."""
+    import folder_paths
+
+    return Path(folder_paths.base_path)
+
+
 def pack_module():
     """The pack as ComfyUI imported it (``sys.modules`` entry made by ``nodes.load_custom_node``)."""
     key = str(PACK_DIR).replace(".", "_x_")

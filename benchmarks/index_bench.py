@@ -1,0 +1,339 @@
+"""Benchmark of spell_core.index: exact range search for SPELL at shield sizes up to ImageNet's 1.2 M.
+
+    python -m benchmarks.index_bench --sizes 10000 100000 1200000
+
+Synthetic SD-shaped latents [4, 32, 32] with structure like real latents (see ``Synth``), written as
+float32 safetensors shards under --scratch (resumable), indexed, then queried with B = 8 per step by
+every backend, by brute force over the full latents, and by an approximate faiss IVF index. Misses are
+counted against an exact brute force over all N. Each size runs its build and its queries in fresh
+subprocesses so resident memory is the index's own. Results go to a table on stdout and --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from spell_core.index import ReferenceIndex, build_shards
+from spell_core.repellency import rms_cdist
+
+B = 8
+SHAPE = (4, 32, 32)
+CHANNEL_MEAN = torch.tensor([0.6, -0.2, 0.3, -0.4])  # SD-like per-channel offsets (PCA centres them)
+
+
+class Synth:
+    """Clustered smooth fields: N / 100 clusters ("scenes"), sizes ∝ lognormal(0, 1) weights.
+
+    A cluster is a 4×8×8 N(0, 1) centre; a member is up(centre + s·ε₈) + up(0.5·s·ε₁₆) + 0.08·ε₃₂ + channel
+    mean, with ε_h ~ N(0, 1) at h×h, bilinear upsampling to 32×32 and a per-cluster spread s = 0.35·lognormal(0, 0.4).
+    So most energy is spatially smooth (as in VAE latents) with a small high-frequency residue.
+    """
+
+    def __init__(self, n: int, seed: int = 0, cluster_size: int = 100):
+        g = np.random.default_rng(seed)
+        self.n, self.seed = n, seed
+        c = max(1, n // cluster_size)
+        w = g.lognormal(0, 1, c)
+        self.weights = w / w.sum()
+        self.centres = torch.from_numpy(g.standard_normal((c, 4, 8, 8)).astype(np.float32))
+        self.spread = torch.from_numpy((0.35 * g.lognormal(0, 0.4, c)).astype(np.float32))
+        self.assign = torch.from_numpy(g.choice(c, n, p=self.weights))
+
+    def members(self, cells: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n = len(cells)
+        s = self.spread[cells].view(n, 1, 1, 1)
+        low = self.centres[cells] + s * torch.randn(n, 4, 8, 8, generator=gen)
+        mid = 0.5 * s * torch.randn(n, 4, 16, 16, generator=gen)
+        up = lambda t: F.interpolate(t, size=(32, 32), mode="bilinear", align_corners=False)
+        return up(low) + up(mid) + 0.08 * torch.randn(n, *SHAPE, generator=gen) + CHANNEL_MEAN.view(1, 4, 1, 1)
+
+    def source(self, block: int):
+        """source(start) for build_shards: deterministic blocks, so an interrupted write resumes identically."""
+        def gen(start: int):
+            for a in range(start, self.n, block):
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + a // block)
+                yield self.members(self.assign[a:a + block], g)
+        return gen
+
+    def queries(self, m: int, seed: int) -> torch.Tensor:
+        """m fresh members of clusters drawn by weight: "new images of the same distribution"."""
+        g = np.random.default_rng(seed)
+        cells = torch.from_numpy(g.choice(len(self.weights), m, p=self.weights))
+        return self.members(cells, torch.Generator().manual_seed(seed))
+
+
+def calibrate_r(seed: int = 7, m: int = 400, quantile: float = 0.03) -> float:
+    """r such that ~quantile of fresh queries have a neighbour in their own cluster (N-independent: cluster
+    sizes do not grow with N). Simulated with a 100k-structure Synth and each query's cluster regenerated."""
+    s = Synth(100_000, seed=seed)
+    g = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    nn = []
+    for c in g.choice(len(s.weights), m, p=s.weights):
+        size = max(1, g.poisson(s.n * s.weights[c]))
+        z = s.members(torch.full((size + 1,), int(c)), gen).reshape(size + 1, -1)
+        nn.append(float(rms_cdist(z[:1], z[1:]).min()))
+    return float(np.quantile(nn, quantile))
+
+
+def planted(index: ReferenceIndex, m: int, r: float, seed: int) -> torch.Tensor:
+    """m queries inside the shield: a random reference plus a smooth-plus-white perturbation of RMS u·r, u ∈ [0.3, 0.95]."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(0, len(index), (m,), generator=g)
+    z = index.get(k)
+    e = F.interpolate(torch.randn(m, 4, 8, 8, generator=g), size=(32, 32), mode="bilinear") + 0.3 * torch.randn(m, *SHAPE, generator=g)
+    e = e / e.reshape(m, -1).pow(2).mean(1).sqrt().view(m, 1, 1, 1)
+    u = 0.3 + 0.65 * torch.rand(m, generator=g)
+    return z + u.view(m, 1, 1, 1) * r * e
+
+
+def rss() -> dict:
+    """Resident memory in MB from /proc/self/status (anonymous and file-backed, e.g. mapped shards)."""
+    out = {}
+    for line in open("/proc/self/status"):
+        key, *v = line.split()
+        if key in ("VmRSS:", "RssAnon:", "RssFile:", "VmHWM:"):
+            out[key[:-1]] = int(v[0]) / 1024
+    return out
+
+
+def pair_dist(xf: torch.Tensor, i: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """rms_cdist(xf[i_p], z_p) for each pair p, one rms_cdist call per distinct query."""
+    d = torch.empty(len(i))
+    for q in torch.unique(i).tolist():
+        sel = torch.nonzero(i == q).flatten()
+        d[sel] = rms_cdist(xf[q:q + 1], z[sel])[0]
+    return d
+
+
+def brute_force(index: ReferenceIndex, x: torch.Tensor, r: float, chunk: int = 32768):
+    """Exact pairs with RMS distance < r over all N full latents, streamed: float32 matmul distances with a
+    margin of 1e-3·(|x|² + |z|²) (10× the worst-case float32 error bound for D = 4096), then every pair under
+    the margin recomputed with rms_cdist. Returns a set of (i, k)."""
+    xf = x.reshape(len(x), -1).float()
+    x2 = (xf * xf).sum(1, keepdim=True)
+    big = r * r * xf.shape[1]
+    pairs = set()
+    for a, z in index.store.chunks(chunk):
+        z2 = (z * z).sum(1)[None]
+        d2 = torch.addmm(x2 + z2, xf, z.T, alpha=-2)
+        i, k = torch.nonzero(d2 < big + 1e-3 * (x2 + z2), as_tuple=True)
+        if len(i):
+            d = pair_dist(xf, i, z[k])
+            for ii, kk in zip(i[d < r].tolist(), k[d < r].tolist()):
+                pairs.add((ii, kk + a))
+    return pairs
+
+
+def timed_steps(fn, x: torch.Tensor) -> tuple[list[float], set]:
+    """Runs fn on consecutive batches of B queries -> (seconds per step, set of (query, k), candidates)."""
+    times, pairs = [], set()
+    for a in range(0, len(x), B):
+        t = time.perf_counter()
+        i, k = fn(x[a:a + B])
+        times.append(time.perf_counter() - t)
+        pairs |= {(ii + a, kk) for ii, kk in zip(i.tolist(), k.tolist())}
+    return times, pairs
+
+
+def faiss_ivf(index: ReferenceIndex, nprobe: int):
+    """Approximate baseline: faiss IndexIVFFlat on the same features, nprobe lists, exact recheck of hits."""
+    import faiss
+
+    y = index.y if index.order is None else index.y[torch.argsort(index.order)]
+    y = np.ascontiguousarray(y.numpy())
+    nlist = int(4 * math.sqrt(len(y)))
+    t = time.perf_counter()
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(y.shape[1]), y.shape[1], nlist)
+    g = np.random.default_rng(0)
+    ivf.train(y[g.choice(len(y), min(len(y), 64 * nlist), replace=False)])
+    ivf.add(y)
+    ivf.nprobe = nprobe
+    build = time.perf_counter() - t
+
+    def search(xb, r):
+        xf = xb.reshape(len(xb), -1).float()
+        q, xn = index.features(xf)
+        tt = r * math.sqrt(xf.shape[1]) + 1e-4 * (float(xn.max()) + index.znorm_max + float(q.norm(dim=1).max()) + index.ynorm_max)
+        lims, _, k = ivf.range_search(np.ascontiguousarray(q.float().numpy()), tt * tt)
+        i = torch.repeat_interleave(torch.arange(len(xb)), torch.from_numpy(np.diff(lims).astype(np.int64)))
+        k = torch.from_numpy(k.astype(np.int64))
+        if len(k) == 0:
+            return i, k
+        z = index.store.get(k)
+        d = pair_dist(xf, i, z)
+        return i[d < r], k[d < r]
+
+    return search, build, nlist
+
+
+def ms(v) -> str:
+    return f"{1000 * float(np.mean(v)):.1f}"
+
+
+def worker_build(args) -> dict:
+    files = json.loads(Path(args.data, "manifest.json").read_text())["shards"]
+    t = time.perf_counter()
+    index = ReferenceIndex.build([Path(args.data) / f for f in files], backend="clusters", dim=args.dim)
+    build = time.perf_counter() - t
+    index.save(args.data)
+    return {"build_s": build, "peak_rss_mb": rss()["VmHWM"], "cells": len(index.cells.centroids)}
+
+
+def worker_query(args) -> dict:
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    index = ReferenceIndex.load(args.data)
+    load = time.perf_counter() - t
+    n, r = len(index), args.r
+    synth = Synth(n, seed=args.seed)
+    sets = {"random": synth.queries(args.queries, seed=args.seed + 1), "planted": planted(index, args.planted, r, args.seed + 2)}
+    res = {"n": n, "r": r, "load_s": load, "rss_base": rss()}
+    exact = lambda idx: (lambda xb: idx.range_search(xb, r)[:2])
+    found = {}
+    for name, x in sets.items():  # the default exact index first, so its memory is measured alone
+        times, pairs = timed_steps(exact(index), x)
+        cand = sum(len(index.candidates(x[a:a + B].reshape(-1, int(np.prod(SHAPE))), r)[0]) for a in range(0, len(x), B))
+        res[f"clusters_{name}"] = {"ms": ms(times), "p95": f"{1000 * np.quantile(times, 0.95):.1f}",
+                                   "cand_per_step": cand / len(times), "pairs": len(pairs),
+                                   "hit_frac": len({i for i, _ in pairs}) / len(x)}
+        found[("clusters", name)] = pairs
+    res["rss_clusters"] = rss()
+    for be in ("torch", "faiss"):
+        other = index.with_backend(be)
+        for name, x in sets.items():
+            times, pairs = timed_steps(exact(other), x)
+            res[f"{be}_{name}"] = {"ms": ms(times)}
+            found[(be, name)] = pairs
+        del other
+    search, ivf_build, nlist = faiss_ivf(index, args.nprobe)
+    res["ivf_build_s"], res["ivf_nlist"] = ivf_build, nlist
+    for name, x in sets.items():
+        times, pairs = timed_steps(lambda xb: search(xb, r), x)
+        res[f"ivf_{name}"] = {"ms": ms(times)}
+        found[("ivf", name)] = pairs
+    # brute force: per-step time on a few steps, and the exact truth for every query in one pass
+    for name, x in sets.items():
+        steps = args.brute_steps
+        t = time.perf_counter()
+        for a in range(0, steps * B, B):
+            brute_force(index, x[a:a + B], r)
+        res[f"brute_{name}"] = {"ms": f"{1000 * (time.perf_counter() - t) / steps:.1f}"}
+        truth = brute_force(index, x, r)
+        res[f"truth_{name}"] = len(truth)
+        for be in ("clusters", "torch", "faiss", "ivf"):
+            got = found[(be, name)]
+            res[f"{be}_{name}"]["misses"] = len(truth - got)
+            res[f"{be}_{name}"]["false_pos"] = len(got - truth)
+    return res
+
+
+def run(cmd: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.index_bench", *cmd], check=True, stdout=subprocess.PIPE,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def table(rows: list[dict], r: float) -> str:
+    head = ("| N | build s | RSS MB (anon+file) | queries | exact clusters ms/step (p95) | candidates/step | "
+            "exact torch flat ms | exact faiss flat ms | brute force ms | faiss IVF approx ms | misses clusters / torch / faiss | "
+            "IVF misses (of true pairs) | queries with neighbours |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for res in rows:
+        for name in ("random", "planted"):
+            c = res[f"clusters_{name}"]
+            mem = res["rss_clusters"]
+            lines.append(
+                f"| {res['n']:,} | {res['build_s']:.0f} | {mem['RssAnon']:.0f}+{mem['RssFile']:.0f} | {name} | "
+                f"{c['ms']} ({c['p95']}) | {c['cand_per_step']:.0f} | {res[f'torch_{name}']['ms']} | "
+                f"{res[f'faiss_{name}']['ms']} | {res[f'brute_{name}']['ms']} | {res[f'ivf_{name}']['ms']} | "
+                f"{c['misses']} / {res[f'torch_{name}']['misses']} / {res[f'faiss_{name}']['misses']} | "
+                f"{res[f'ivf_{name}']['misses']} of {res[f'truth_{name}']} | {100 * c['hit_frac']:.1f} % |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.index_bench")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_200_000])
+    ap.add_argument("--scratch", default="scratch/index_bench", help="shard folder (git-ignored), reused across runs")
+    ap.add_argument("--out", default="docs/index_benchmark.md")
+    ap.add_argument("--queries", type=int, default=256, help="random queries (steps of 8)")
+    ap.add_argument("--planted", type=int, default=64, help="queries planted inside the shield")
+    ap.add_argument("--dim", type=int, default=32, help="PCA dimensions of the lower-bound features")
+    ap.add_argument("--nprobe", type=int, default=8, help="lists probed by the approximate IVF baseline")
+    ap.add_argument("--brute-steps", type=int, default=2, help="steps timed for brute force")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--r", type=float, default=None, help="radius (default: calibrated, ~3 % of queries hit)")
+    ap.add_argument("--worker", choices=["build", "query"], help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        fn = worker_build if args.worker == "build" else worker_query
+        print(json.dumps(fn(args)))
+        return 0
+    torch.set_num_threads(os.cpu_count() or 1)
+    r = args.r or calibrate_r()
+    print(f"r = {r:.4f} (RMS)", file=sys.stderr)
+    rows = []
+    for n in args.sizes:
+        data = Path(args.scratch) / f"n{n}"
+        synth = Synth(n, seed=args.seed)
+        t = time.perf_counter()
+        build_shards(synth.source(16384), data, shard_size=16384, total=n, bar=True)
+        gen = time.perf_counter() - t
+        common = ["--data", str(data), "--dim", str(args.dim), "--seed", str(args.seed)]
+        print(f"[N={n:,}] building index", file=sys.stderr)
+        b = run(["--worker", "build", *common])
+        print(f"[N={n:,}] built in {b['build_s']:.1f} s; querying", file=sys.stderr)
+        q = run(["--worker", "query", *common, "--r", str(r), "--queries", str(args.queries), "--planted",
+                 str(args.planted), "--nprobe", str(args.nprobe), "--brute-steps", str(args.brute_steps)])
+        rows.append({**b, **q, "gen_s": gen})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+        print(table(rows, r))
+    cmd = "python -m benchmarks.index_bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"r": r, "rows": rows}, indent=1))
+    Path(args.out).write_text(report(rows, r, cmd, args))
+    print(table(rows, r))
+    return 0
+
+
+def report(rows, r, cmd, args) -> str:
+    import platform
+
+    return f"""# Exact range search for SPELL: index benchmark
+
+Made by `{cmd}` on {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch
+{torch.__version__}; raw numbers in `{Path(args.out).with_suffix('.json').name}`.
+
+Data: synthetic SD-shaped latents {SHAPE} (see `benchmarks/index_bench.py: Synth`): N / 100 clusters with
+lognormal sizes; a member is a bilinearly upsampled 8×8 field (cluster centre plus per-cluster spread) plus an
+upsampled 16×16 detail field plus 0.08 white noise, so most energy is spatially smooth as in VAE latents. Stored
+as float32 safetensors shards, memory-mapped. Queries per step: B = {B}. r = {r:.4f} (RMS), calibrated so about
+3 % of fresh queries from the same distribution have a neighbour; "planted" queries are a reference plus a
+perturbation of RMS 0.3 r to 0.95 r, so every one of them is inside the shield.
+
+Index: PCA features of dimension {args.dim} plus the residual norm (a 1-Lipschitz map), k-means cells of 256
+references on them, exact pruning by the triangle inequality, exact float32 recheck of candidates.
+Misses are counted against an exact brute force over all N full latents (float32 matmul with a margin 10× the
+worst-case float error, every pair under the margin recomputed with `rms_cdist`). "faiss IVF approx" is
+IndexIVFFlat on the same features with nprobe = {args.nprobe}, the kind of approximate search the paper used.
+Build time is for the features and cells from the shards (shard writing not included); RSS is the query
+process after the exact searches (anonymous + file-backed pages of mapped shards).
+
+{table(rows, r)}
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

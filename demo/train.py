@@ -1,0 +1,150 @@
+"""Trains the demo model: ComfyUI's own toy U-Net (``demo.model``, EPS prediction, ComfyUI's discrete
+linear-beta schedule taken from the model's ``model_sampling``) on the training split of scikit-learn's digits
+(``demo.data``: 16x16 grey images as [4, 8, 8] latents in [-1, 1]), class-conditional through a learned prompt
+table, then checks it through ComfyUI's sampler (``demo.verify``). Seeded; about 9 minutes on 2 CPU cores.
+
+    python -m demo.train      # writes demo/weights/demo_model.safetensors
+
+Prompt rows: 0-9 the digit classes (images drawn uniformly from the training split), 10 "any digit" (images
+drawn from the deliberately biased ANY_DIGIT_MIX), 11 "(empty)", the unconditional prompt used for
+classifier-free guidance. "(empty)" replaces the prompt of EMPTY_FRACTION of all samples (label dropout); its
+images come from ANY_DIGIT_MIX as well, so that CFG between "any digit" and "(empty)" keeps the class mix
+biased but not exaggerated, while CFG between a class and "(empty)" pushes towards that class.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SEED = 0
+MODEL_CHANNELS = 32
+STEPS = 2000
+BATCH = 128
+LR = 1e-3
+WARMUP = 100
+EMA_DECAY = 0.999
+GRAD_CLIP = 1.0
+ANY_DIGIT_MIX = {1: 0.40, 7: 0.20, **{d: 0.05 for d in (0, 2, 3, 4, 5, 6, 8, 9)}}  # the biased "any digit" mix
+CLASS_FRACTION, ANY_FRACTION, EMPTY_FRACTION = 0.55, 0.30, 0.15  # prompt kinds in each batch
+PROMPT_NAMES = [str(d) for d in range(10)] + ["any digit", "(empty)"]
+ANY_ROW, EMPTY_ROW = 10, 11
+
+
+def mixture_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per-image sampling weights [N] so that drawn images follow ANY_DIGIT_MIX over classes."""
+    counts = torch.bincount(labels, minlength=10).float()
+    mix = torch.tensor([ANY_DIGIT_MIX[d] for d in range(10)])
+    return (mix / counts)[labels]
+
+
+def draw_batch(labels: torch.Tensor, mix_w: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image indices [BATCH], prompt rows [BATCH]): class prompts on uniform images, "any digit"/"(empty)"
+    prompts on images drawn from ANY_DIGIT_MIX."""
+    kind = torch.multinomial(torch.tensor([CLASS_FRACTION, ANY_FRACTION, EMPTY_FRACTION]), BATCH, True, generator=g)
+    uniform = torch.randint(len(labels), (BATCH,), generator=g)
+    biased = torch.multinomial(mix_w, BATCH, True, generator=g)
+    idx = torch.where(kind == 0, uniform, biased)
+    rows = torch.where(kind == 0, labels[idx], torch.where(kind == 1, ANY_ROW, EMPTY_ROW))
+    return idx, rows
+
+
+def lr_at(step: int) -> float:
+    """Linear warm-up over WARMUP steps, then cosine decay to 0 at STEPS."""
+    if step < WARMUP:
+        return LR * (step + 1) / WARMUP
+    return LR * 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / (STEPS - WARMUP)))
+
+
+def eps_loss(base, z0: torch.Tensor, context: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """DDPM noise-prediction loss through ComfyUI's own parametrisation: x_t = x0 + sigma*eps with sigma from the
+    model's discrete schedule; BaseModel.apply_model returns x0_hat, so eps_hat = (x_t - x0_hat) / sigma."""
+    sigmas = base.model_sampling.sigmas
+    sigma = sigmas[torch.randint(len(sigmas), (z0.shape[0],), generator=g)]
+    eps = torch.randn(z0.shape, generator=g)
+    x_t = z0 + sigma[:, None, None, None] * eps
+    x0_hat = base.apply_model(x_t, sigma, c_crossattn=context)
+    eps_hat = (x_t - x0_hat) / sigma[:, None, None, None]
+    return (eps_hat - eps).pow(2).mean()
+
+
+def train() -> tuple[dict, torch.Tensor, dict]:
+    """Trains; returns (EMA U-Net state dict, EMA prompt table, metadata)."""
+    from .data import CLASS_NAMES, SPLIT_SEED, digits_split, images16_to_latents
+    from .model import CONTEXT_DIM, TOKENS, PixelShuffleVAE, build_model
+
+    torch.manual_seed(SEED)
+    g = torch.Generator().manual_seed(SEED)
+    images, labels = digits_split()["train"]
+    z_train = images16_to_latents(images)
+    rgb = ((images[:8] + 1) / 2).repeat_interleave(4, 2).repeat_interleave(4, 3)[:, 0, :, :, None].expand(-1, -1, -1, 3)
+    if not torch.allclose(PixelShuffleVAE().encode(rgb), z_train[:8], atol=1e-6):
+        raise RuntimeError("demo.data latents differ from PixelShuffleVAE.encode")
+    base = build_model("eps", 4, seed=SEED, model_channels=MODEL_CHANNELS).model
+    net = base.diffusion_model.train()
+    tokens = torch.nn.Parameter(torch.randn(len(PROMPT_NAMES), TOKENS, CONTEXT_DIM, generator=g))
+    params = [*net.parameters(), tokens]
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    mix_w = mixture_weights(labels)
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"training toy U-Net ({n_params / 1e6:.2f} M parameters, model_channels={MODEL_CHANNELS}) on "
+          f"{len(labels)} digits: {STEPS} steps of {BATCH}", flush=True)
+    t0, running = time.time(), 0.0
+    with torch.enable_grad():
+        for step in range(STEPS):
+            idx, rows = draw_batch(labels, mix_w, g)
+            loss = eps_loss(base, z_train[idx], tokens[rows], g)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+            opt.step()
+            decay = min(EMA_DECAY, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+            running += loss.item()
+            if (step + 1) % 100 == 0:
+                el = time.time() - t0
+                print(f"step {step + 1:5d}/{STEPS}  loss {running / 100:.4f}  lr {lr_at(step):.2e}  "
+                      f"{el:.0f}s elapsed, ~{el / (step + 1) * (STEPS - step - 1):.0f}s left", flush=True)
+                running = 0.0
+    names = [n for n, _ in net.named_parameters()]
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    state.update({n: e for n, e in zip(names, ema[:-1])})
+    meta = dict(
+        model_type="eps", channels=4, model_channels=MODEL_CHANNELS, prompt_names=PROMPT_NAMES,
+        class_names=list(CLASS_NAMES), any_digit_row=ANY_ROW, empty_row=EMPTY_ROW,
+        any_digit_mix={str(d): ANY_DIGIT_MIX[d] for d in range(10)},
+        prompt_fractions=dict(cls=CLASS_FRACTION, any=ANY_FRACTION, empty=EMPTY_FRACTION),
+        data="sklearn load_digits, bilinear 8x8->16x16, [-1,1], pixel-unshuffle to [4,8,8]",
+        split_seed=SPLIT_SEED, seed=SEED, steps=STEPS, batch=BATCH, lr=LR, ema_decay=EMA_DECAY,
+        train_seconds=round(time.time() - t0),
+    )
+    print(f"trained in {time.time() - t0:.0f}s", flush=True)
+    return state, ema[-1], meta
+
+
+def main() -> None:
+    """Trains, saves demo/weights/demo_model.safetensors, then checks sampling through ComfyUI."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tools import comfy_host
+
+    torch.set_num_threads(2)
+    nodes = comfy_host.start(tempfile.mkdtemp(prefix="spell_demo_"))
+    from . import verify
+    from .model import DEMO_WEIGHTS, save_demo
+
+    state, tokens, meta = train()
+    save_demo(DEMO_WEIGHTS, state, tokens, meta)
+    print(f"saved {DEMO_WEIGHTS} ({DEMO_WEIGHTS.stat().st_size / 1e6:.1f} MB)", flush=True)
+    verify.report(nodes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,745 @@
+"""Exact range search over large reference sets for SPELL (Kirchhof et al., ICML 2025, arXiv 2410.06025).
+
+SPELL's push needs, for each x̂0 of the batch, every reference z_k with RMS distance ||x̂0 − z_k|| / sqrt(D) < r.
+The paper uses approximate nearest neighbours; this module is exact (no false negatives, no false positives):
+
+1. A contractive feature map y(x) = [W(x − μ), ||(I − WᵀW)(x − μ)||] with W an orthonormal PCA basis [m, D]
+   (or an average-pooling basis). For an orthogonal projector Q = WᵀW,
+   ||x − z||² = ||Q(x − z)||² + ||(I − Q)(x − z)||² ≥ ||W(x − z)||² + (ρ(x) − ρ(z))², so ||y(x) − y(z)|| ≤ ||x − z||.
+2. A range search in feature space with radius r·sqrt(D) plus a float slack (computed in float64 for the
+   projection; slack covers float32 storage and scan error) gives a superset of the true neighbours.
+3. Candidates are checked with exact float32 distances on the full latents (``repellency.rms_cdist``).
+
+Backends for step 2: "torch" (brute force over all features, chunked, CPU or CUDA), "faiss" (faiss-cpu
+IndexFlatL2 range search over the features) and "clusters" (k-means cells on the features, pruned exactly
+with the triangle inequality, members sorted by distance to their centroid so each cell is cut to an annulus).
+Full latents live in memory or in memory-mapped safetensors shards; files are safetensors, never pickles.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .repellency import flat32, rms_cdist
+from .storage import StorageError, check_finite, save_latents
+
+try:  # optional
+    import faiss
+except ImportError:  # pragma: no cover - exercised only where faiss is absent
+    faiss = None
+
+BACKENDS = ("auto", "torch", "faiss", "clusters")
+PROJECTIONS = ("pca", "pool")
+INDEX_FORMAT = "spell-index/1"
+INDEX_FILE = "index.safetensors"
+MANIFEST = "manifest.json"
+# Relative slack on lower bounds, in units of the norms involved: float32 storage/scan error is ~1e-6 of them.
+SLACK = 1e-4
+# "auto" picks "clusters" from this many references on (measured in docs/index_benchmark.md).
+AUTO_CLUSTERS_FROM = 20_000
+
+ProgressFn = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory-mapped safetensors shards
+# --------------------------------------------------------------------------------------------------
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """Parses a safetensors header -> (header dict, byte offset of the data); raises StorageError if broken."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise StorageError(f"{path} is truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100_000_000):
+                raise StorageError(f"{path} is truncated or corrupt (header length {n} for a {size}-byte file)")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StorageError(f"{path} is not a readable safetensors file ({e})") from e
+    if not isinstance(header, dict):
+        raise StorageError(f"{path} has a corrupt safetensors header")
+    return header, 8 + n
+
+
+class Shard:
+    """One safetensors file holding {"latents": float32 [n, ...]}, memory-mapped read-only."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StorageError(f"shard {self.path} does not exist")
+        header, start = read_header(self.path)
+        info = header.get("latents")
+        if not isinstance(info, dict) or info.get("dtype") != "F32":
+            raise StorageError(f"shard {self.path} holds no float32 'latents' tensor")
+        self.shape = tuple(int(s) for s in info["shape"])
+        begin, end = info["data_offsets"]
+        expected = 4 * math.prod(self.shape)
+        if end - begin != expected or self.path.stat().st_size < start + end:
+            raise StorageError(f"shard {self.path} is truncated: expected {start + end} bytes for shape "
+                               f"{self.shape}, found {self.path.stat().st_size}")
+        self.offset = start + begin
+        self._mm = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def rows(self) -> np.ndarray:
+        """[n, D] float32 memory map."""
+        if self._mm is None:
+            d = math.prod(self.shape[1:])
+            self._mm = np.memmap(self.path, np.float32, "r", self.offset, (self.shape[0], d))
+        return self._mm
+
+    def read(self, a: int, b: int) -> torch.Tensor:
+        """Rows a..b as a float32 [b − a, D] tensor, read (not mapped: streaming leaves no resident pages)."""
+        d = math.prod(self.shape[1:])
+        x = np.fromfile(self.path, np.float32, (b - a) * d, offset=self.offset + 4 * a * d)
+        return torch.from_numpy(x.reshape(b - a, d))
+
+
+class LatentStore:
+    """Reference latents [N, D] float32, either in memory or spread over memory-mapped shards."""
+
+    def __init__(self, item_shape: tuple, tensor: torch.Tensor | None = None, shards: Sequence[Shard] = ()):
+        self.item_shape = tuple(item_shape)
+        self.tensor = tensor
+        self.shards = list(shards)
+        sizes = [len(s) for s in self.shards]
+        self.starts = np.cumsum([0] + sizes)
+        self.n = tensor.shape[0] if tensor is not None else int(self.starts[-1])
+
+    @classmethod
+    def from_files(cls, files: Sequence[str | os.PathLike]) -> "LatentStore":
+        shards = [Shard(f) for f in files]
+        if not shards:
+            raise ValueError("no shard files given")
+        shapes = {s.shape[1:] for s in shards}
+        if len(shapes) != 1:
+            raise StorageError(f"shards hold different item shapes: {sorted(shapes)}")
+        return cls(shapes.pop(), shards=shards)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.item_shape)
+
+    def chunks(self, size: int = 16384) -> Iterable[tuple[int, torch.Tensor]]:
+        """Yields (start, rows [n, D] float32) over all references in order."""
+        if self.tensor is not None:
+            for a in range(0, self.n, size):
+                yield a, self.tensor[a:a + size]
+            return
+        for s, base in zip(self.shards, self.starts):
+            for a in range(0, len(s), size):
+                yield int(base) + a, s.read(a, min(a + size, len(s)))
+
+    def get(self, k: torch.Tensor) -> torch.Tensor:
+        """Rows k [P] -> [P, D] float32."""
+        k = k.to("cpu", torch.long)
+        if self.tensor is not None:
+            return self.tensor[k]
+        out = torch.empty(len(k), self.dim)
+        if len(k) == 0:
+            return out
+        kn = k.numpy()
+        which = np.searchsorted(self.starts, kn, side="right") - 1
+        for s in np.unique(which):
+            sel = np.nonzero(which == s)[0]
+            local = kn[sel] - self.starts[s]
+            order = np.argsort(local)  # sorted reads from the map
+            out[torch.from_numpy(sel[order])] = torch.from_numpy(self.shards[s].rows[local[order]])
+        return out
+
+    def sample(self, n: int, seed: int = 0) -> torch.Tensor:
+        """n rows spread over the set (for fitting the projection)."""
+        n = min(n, self.n)
+        g = np.random.default_rng(seed)
+        k = np.sort(g.choice(self.n, n, replace=False))
+        return self.get(torch.from_numpy(k))
+
+
+# --------------------------------------------------------------------------------------------------
+# Contractive features
+# --------------------------------------------------------------------------------------------------
+
+def pca_basis(sample: torch.Tensor, m: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [D] and orthonormal top-m principal directions W [m, D] (float64) of sample [n, D].
+
+    Randomised SVD (Halko et al. 2011): the directions need not be optimal, only orthonormal, which the
+    final float64 QR guarantees whatever the data."""
+    mu = sample.double().mean(0)
+    xc = (sample.double() - mu).float()
+    state = torch.random.get_rng_state()  # svd_lowrank draws its test matrix from the global generator
+    torch.manual_seed(seed)
+    try:
+        _, _, v = torch.svd_lowrank(xc, q=min(m + 8, *xc.shape), niter=4)
+    finally:
+        torch.random.set_rng_state(state)
+    q, _ = torch.linalg.qr(v[:, :m].double())
+    return mu, q.T.contiguous()
+
+
+def pool_basis(item_shape: tuple, pool: int) -> torch.Tensor:
+    """Orthonormal rows [C·(h/pool)·(w/pool), D]: average pooling over pool×pool blocks times pool."""
+    if len(item_shape) != 3 or item_shape[1] % pool or item_shape[2] % pool:
+        raise ValueError(f"pool projection needs [C, h, w] latents divisible by pool={pool}, got {item_shape}")
+    c, h, w = item_shape
+    eye = torch.eye(c * (h // pool) * (w // pool), dtype=torch.float64).reshape(-1, c, h // pool, w // pool)
+    up = eye.repeat_interleave(pool, 2).repeat_interleave(pool, 3) / pool
+    return up.reshape(eye.shape[0], -1).contiguous()
+
+
+class Features:
+    """y(x) = [W(x − μ), ρ(x)], ρ(x) = ||(I − WᵀW)(x − μ)||: 1-Lipschitz, computed in float64."""
+
+    def __init__(self, mu: torch.Tensor, w: torch.Tensor):
+        self.mu, self.w = mu.double(), w.double()
+
+    @property
+    def dim(self) -> int:
+        return self.w.shape[0] + 1
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [n, D] -> (y [n, m + 1] float64, ||x − μ|| [n] float64)."""
+        xc = x.to("cpu", torch.float64) - self.mu
+        p = xc @ self.w.T
+        n2 = (xc * xc).sum(1)
+        rho = (n2 - (p * p).sum(1)).clamp_min(0).sqrt()  # float64: cancellation error ≤ 1e-8·||x − μ||
+        return torch.cat([p, rho[:, None]], 1), n2.sqrt()
+
+
+# --------------------------------------------------------------------------------------------------
+# Feature-space range search (supersets of the true neighbours)
+# --------------------------------------------------------------------------------------------------
+
+def flat_torch(y: torch.Tensor, y2: torch.Tensor, q: torch.Tensor, t2: torch.Tensor, chunk: int = 262144):
+    """Pairs (i, k) with ||q_i − y_k||² ≤ t2_i by chunked matmul; y [N, d], y2 = ||y||² [N], q [B, d]."""
+    q = q.to(y.device, y.dtype)
+    q2, t2 = (q * q).sum(1, keepdim=True), t2.to(y.device, y.dtype)[:, None]
+    out_i, out_k = [], []
+    for a in range(0, y.shape[0], chunk):
+        d2 = torch.addmm(q2 + y2[a:a + chunk][None], q, y[a:a + chunk].T, beta=1, alpha=-2)
+        i, k = torch.nonzero(d2 <= t2, as_tuple=True)
+        out_i.append(i)
+        out_k.append(k + a)
+    if not out_i:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(out_i).cpu(), torch.cat(out_k).cpu()
+
+
+class ClusterCells:
+    """Exact pruning with k-means cells: cell c holds rows order[off[c]:off[c+1]] sorted by distance s to its
+    centroid; by the triangle inequality a row within t of q has |s − ||q − c||| ≤ t, so only that annulus
+    of each cell is scanned, and cells with ||q − c|| − max s > t are skipped."""
+
+    def __init__(self, centroids, off, s):
+        self.centroids, self.off, self.s = centroids, off, s
+        self.radius = torch.zeros(len(centroids))
+        sizes = off[1:] - off[:-1]
+        nz = sizes > 0
+        self.radius[nz] = s[off[1:][nz] - 1]
+        self.cell_of = torch.repeat_interleave(torch.arange(len(centroids)), sizes)
+        # float64 keys cell + s / scale keep the global order, so one searchsorted cuts every annulus
+        self.scale = float(s.max().item() if len(s) else 0.0) * 2 + 1
+        self.key = self.cell_of.double() + s.double() / self.scale
+
+    @classmethod
+    def fit(cls, y: torch.Tensor, cells: int, iters: int = 12, seed: int = 0):
+        """k-means on y [N, d] (faiss when present) -> (cells, order [N] of rows sorted by cell and s)."""
+        n = y.shape[0]
+        cells = max(1, min(cells, n))
+        yn = y.numpy().astype(np.float32, copy=False)
+        if faiss is not None and n >= cells * 4:
+            km = faiss.Kmeans(y.shape[1], cells, niter=iters, seed=seed, max_points_per_centroid=64, verbose=False)
+            km.train(np.ascontiguousarray(yn))
+            cent = torch.from_numpy(km.centroids.copy())
+        else:
+            g = torch.Generator().manual_seed(seed)
+            cent = y[torch.randperm(n, generator=g)[:cells]].clone()
+            for _ in range(iters):
+                a = nearest_centroid(y, cent)
+                sums = torch.zeros_like(cent).index_add_(0, a, y)
+                cnt = torch.bincount(a, minlength=cells)
+                cent = torch.where(cnt[:, None] > 0, sums / cnt.clamp_min(1)[:, None], cent)
+        a = nearest_centroid(y, cent)
+        s = (y - cent[a]).double().pow(2).sum(1).sqrt().float()
+        order = np.lexsort((s.numpy(), a.numpy()))
+        order = torch.from_numpy(order)
+        off = torch.zeros(cells + 1, dtype=torch.long)
+        off[1:] = torch.bincount(a, minlength=cells).cumsum(0)
+        return cls(cent, off, s[order]), order
+
+    def search(self, y: torch.Tensor, q: torch.Tensor, t: torch.Tensor):
+        """Pairs (i, row position) with ||q_i − y_pos||² ≤ t_i², y [N, d] in cell order, q [B, d], t [B]."""
+        dc = torch.cdist(q.double(), self.centroids.double())  # [B, C]
+        t64 = t.double()[:, None]
+        live = dc - self.radius.double()[None] <= t64
+        qi, cell = torch.nonzero(live, as_tuple=True)
+        if len(qi) == 0:
+            self.scanned = 0
+            z = torch.zeros(0, dtype=torch.long)
+            return z, z
+        lo_s = (dc[qi, cell] - t64[qi, 0]).clamp_min(0)
+        hi_s = dc[qi, cell] + t64[qi, 0]
+        base = cell.double()
+        eps = 1e-9  # key rounding: |cell + s/scale| < 2^20 keeps absolute key error far below this
+        lo = torch.searchsorted(self.key, base + lo_s / self.scale - eps)
+        hi = torch.searchsorted(self.key, torch.minimum(base + hi_s / self.scale + eps, base + 1 - eps / 2))
+        hi = torch.minimum(hi, self.off[cell + 1])
+        lo = torch.maximum(lo, self.off[cell])
+        n = (hi - lo).clamp_min(0)
+        total = int(n.sum())
+        self.scanned = total  # feature rows read by the last search (for benchmarks)
+        if total == 0:
+            z = torch.zeros(0, dtype=torch.long)
+            return z, z
+        seg = torch.repeat_interleave(torch.arange(len(n)), n)
+        pos = torch.arange(total) - torch.repeat_interleave(n.cumsum(0) - n, n) + lo[seg]
+        i = qi[seg]
+        d2 = (y[pos] - q[i].to(y.dtype)).pow(2).sum(1)
+        keep = d2 <= (t[i] * t[i]).to(d2.dtype)
+        return i[keep], pos[keep]
+
+    def tensors(self) -> dict:
+        return {"centroids": self.centroids, "cell_off": self.off, "cell_s": self.s}
+
+
+def nearest_centroid(y: torch.Tensor, cent: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    c2 = (cent * cent).sum(1)
+    return torch.cat([torch.addmm(c2[None], y[a:a + chunk], cent.T, alpha=-2).argmin(1)
+                      for a in range(0, y.shape[0], chunk)]) if y.shape[0] else torch.zeros(0, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------------
+# The index
+# --------------------------------------------------------------------------------------------------
+
+def resolve_backend(backend: str, n: int) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "faiss" and faiss is None:
+        raise ValueError("backend 'faiss' needs the faiss-cpu package (pip install faiss-cpu)")
+    if backend == "auto":
+        return "clusters" if n >= AUTO_CLUSTERS_FROM else "torch"
+    return backend
+
+
+class ReferenceIndex:
+    """Exact RMS range search over N reference latents (see the module docstring for the method).
+
+    Build with ``ReferenceIndex.build``; ``range_search(x, r)`` returns every pair (i, k, d) with
+    d = ||x_i − z_k|| / sqrt(D) < r, with d as ``repellency.rms_cdist`` computes it.
+    """
+
+    def __init__(self, store: LatentStore, features: Features, y: torch.Tensor, znorm_max: float,
+                 backend: str, cells: ClusterCells | None = None, order: torch.Tensor | None = None,
+                 device: str | torch.device = "cpu", meta: dict | None = None):
+        self.store, self.features, self.znorm_max = store, features, float(znorm_max)
+        self.cells, self.order, self.meta = cells, order, dict(meta or {})
+        self.device = torch.device(device)
+        self.y = y  # [N, m + 1] float32, in cell order when cells is set
+        self.backend = resolve_backend(backend, len(store))
+        self._prepare()
+
+    # ---- construction ----
+    @classmethod
+    def build(cls, latents: torch.Tensor | Sequence[str | os.PathLike], backend: str = "auto",
+              projection: str = "pca", dim: int = 32, pool: int = 4, cells: int | None = None,
+              fit_rows: int = 2048, device: str | torch.device = "cpu", progress: ProgressFn | None = None,
+              seed: int = 0) -> "ReferenceIndex":
+        """Index latents: a float tensor [N, ...] or a list of shard files (memory-mapped, streamed).
+
+        projection "pca" keeps the top ``dim`` principal directions of ``fit_rows`` sampled rows;
+        "pool" averages ``pool``×``pool`` blocks. ``cells`` (k-means cells for the "clusters" backend)
+        defaults to N / 256. ``progress(done, total)`` is called as rows are projected.
+        """
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        if isinstance(latents, torch.Tensor):
+            if latents.ndim < 2:
+                raise ValueError(f"latents must be [N, ...], got shape {tuple(latents.shape)}")
+            check_finite(latents, "reference latents")
+            store = LatentStore(latents.shape[1:], tensor=flat32(latents).cpu().contiguous())
+        else:
+            store = LatentStore.from_files(latents)
+        n, dmodel = len(store), store.dim
+        if projection == "pca":
+            m = max(1, min(dim, dmodel, max(n - 1, 1)))
+            if n >= 2:
+                mu, w = pca_basis(store.sample(fit_rows, seed), m, seed)
+            else:
+                mu, w = torch.zeros(dmodel, dtype=torch.float64), torch.eye(m, dmodel, dtype=torch.float64)
+        else:
+            w = pool_basis(store.item_shape, pool)
+            mu = store.sample(fit_rows, seed).double().mean(0) if n else torch.zeros(dmodel, dtype=torch.float64)
+        feats = Features(mu, w)
+        y = torch.empty(n, feats.dim)
+        znorm = 0.0
+        for a, rows in store.chunks(8192):
+            if store.tensor is None:
+                check_finite(rows, f"reference rows {a}..{a + len(rows)}")
+            yy, nn = feats(rows)
+            y[a:a + len(rows)] = yy.float()
+            znorm = max(znorm, float(nn.max()))
+            if progress is not None:
+                progress(a + len(rows), n)
+        backend = resolve_backend(backend, n)
+        cell_index, order = None, None
+        if backend == "clusters" and n:
+            cell_index, order = ClusterCells.fit(y, cells or max(1, n // 256), seed=seed)
+            y = y[order].contiguous()
+        meta = {"projection": projection, "dim": int(w.shape[0]), "pool": pool}
+        return cls(store, feats, y, znorm, backend, cell_index, order, device, meta)
+
+    def _prepare(self):
+        self._faiss = None
+        self._y2 = None
+        if self.backend == "clusters" and self.cells is None and len(self):
+            self.cells, self.order = ClusterCells.fit(self.y, max(1, len(self) // 256))
+            self.y = self.y[self.order].contiguous()
+        if self.backend == "torch":
+            self._yd = self.y.to(self.device)
+            self._y2 = (self._yd * self._yd).sum(1)
+        if self.backend == "faiss":
+            self._faiss = faiss.IndexFlatL2(self.y.shape[1])
+            self._faiss.add(np.ascontiguousarray(self.y.numpy()))
+        ynorm = self.y.norm(dim=1)
+        self.ynorm_max = float(ynorm.max()) if len(ynorm) else 0.0
+
+    def with_backend(self, backend: str, device: str | torch.device | None = None) -> "ReferenceIndex":
+        """The same references and features searched by another backend (recomputes cells if needed)."""
+        y = self.y if self.order is None else self.y[torch.argsort(self.order)]
+        return ReferenceIndex(self.store, self.features, y, self.znorm_max, backend, device=device or self.device,
+                              meta=self.meta)
+
+    # ---- queries ----
+    def __len__(self) -> int:
+        return len(self.store)
+
+    @property
+    def item_shape(self) -> tuple:
+        return self.store.item_shape
+
+    def get(self, k: torch.Tensor) -> torch.Tensor:
+        """Reference latents k [P] -> [P, ...] float32."""
+        k = torch.as_tensor(k, dtype=torch.long)
+        if len(k) and (int(k.min()) < 0 or int(k.max()) >= len(self)):
+            raise IndexError(f"reference ids must lie in [0, {len(self)}), got {int(k.min())}..{int(k.max())}")
+        return self.store.get(k).reshape(len(k), *self.item_shape)
+
+    def candidates(self, x: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pairs (i, k) whose feature distance allows RMS distance < r: a superset of the true pairs."""
+        xf = flat32(x)
+        q, xn = self.features(xf)
+        dmodel = xf.shape[1]
+        # lower-bound radius in L2 units with slack for float error in features (∝ norms) and in the scan
+        t = r * math.sqrt(dmodel) + SLACK * (xn + self.znorm_max)
+        t = t + SLACK * (q.norm(dim=1) + self.ynorm_max)
+        qf = q.float()
+        if self.backend == "torch":
+            return flat_torch(self._yd, self._y2, qf, t * t)
+        if self.backend == "faiss":
+            lims, _, k = self._faiss.range_search(np.ascontiguousarray(qf.numpy()), 0.0 + float((t * t).max()))
+            lims = torch.from_numpy(lims.astype(np.int64))
+            i = torch.repeat_interleave(torch.arange(len(q)), lims[1:] - lims[:-1])
+            k = torch.from_numpy(k.astype(np.int64))
+            d2 = (self.y[k] - qf[i]).pow(2).sum(1)  # per-query radius (faiss takes one for the batch)
+            keep = d2 <= (t[i] * t[i]).float()
+            return i[keep], k[keep]
+        i, pos = self.cells.search(self.y, qf, t.float())
+        return i, self.order[pos]
+
+    def range_search(self, x: torch.Tensor, r: float, chunk: int = 65536):
+        """Every (i, k, d) with d = RMS distance(x_i, z_k) < r; x [B, ...] -> i, k [P] long, d [P] float32.
+
+        Pairs are sorted by (i, k). Exact: candidates come from a contractive lower bound with slack,
+        distances are recomputed in float32 on the full latents.
+        """
+        if not r > 0 or not math.isfinite(r):
+            raise ValueError(f"range_search radius r must be a finite number > 0, got {r}")
+        if tuple(x.shape[1:]) != self.item_shape and not (x.ndim == 2 and x.shape[1] == self.store.dim):
+            raise ValueError(f"queries of item shape {tuple(x.shape[1:])} do not match the index's {self.item_shape}")
+        empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+        if len(self) == 0 or x.shape[0] == 0:
+            return empty
+        xf = flat32(x).cpu()
+        ci, ck = self.candidates(xf, r)
+        if len(ci) == 0:
+            return empty
+        outs = []
+        uk, inv = torch.unique(ck, return_inverse=True)
+        for a in range(0, len(uk), chunk):  # each candidate latent is read once, in chunks
+            z = self.store.get(uk[a:a + chunk])
+            sel = (inv >= a) & (inv < a + chunk)
+            ii, kk, uu = ci[sel], ck[sel], inv[sel] - a
+            for q in torch.unique(ii).tolist():  # one rms_cdist row per query: work ∝ candidate pairs
+                mq = ii == q
+                d = rms_cdist(xf[q:q + 1], z[uu[mq]])[0]  # exact float32, as the brute force computes it
+                keep = d < r
+                outs.append((ii[mq][keep], kk[mq][keep], d[keep]))
+        i, k, d = (torch.cat(t) for t in zip(*outs))
+        order = torch.argsort(i * len(self) + k)
+        return i[order], k[order], d[order]
+
+    # ---- persistence ----
+    def save(self, folder: str | os.PathLike) -> None:
+        """Writes folder/index.safetensors (features, cells; no pickle); in-memory latents go to shards there."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.store.tensor is not None:
+            files, rows = [], []
+            for j, a in enumerate(range(0, max(len(self), 1), 65536)):
+                block = self.store.tensor[a:a + 65536]
+                save_latents(folder / shard_name(j), block.reshape(-1, *self.item_shape))
+                files.append(shard_name(j))
+                rows.append(len(block))
+        else:
+            files = [os.path.relpath(s.path.resolve(), folder.resolve()) for s in self.store.shards]
+            rows = [len(s) for s in self.store.shards]
+        tensors = {"mu": self.features.mu, "w": self.features.w, "y": self.y}
+        if self.cells is not None:
+            tensors.update(self.cells.tensors(), order=self.order)
+        meta = {"format": INDEX_FORMAT, "backend": self.backend, "item_shape": json.dumps(self.item_shape),
+                "shards": json.dumps(files), "rows": json.dumps(rows),
+                "znorm_max": repr(self.znorm_max), "meta": json.dumps(self.meta)}
+        atomic_save({k: v.contiguous() for k, v in tensors.items()}, folder / INDEX_FILE, meta)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, backend: str | None = None,
+             device: str | torch.device = "cpu") -> "ReferenceIndex":
+        """Opens an index written by save; shards are memory-mapped, never read whole."""
+        folder = Path(folder)
+        path = folder / INDEX_FILE
+        if not path.is_file():
+            raise StorageError(f"{folder} holds no {INDEX_FILE}")
+        header, _ = read_header(path)
+        meta = header.get("__metadata__") or {}
+        if meta.get("format") != INDEX_FORMAT:
+            raise StorageError(f"{path} is not a SPELL index (format {meta.get('format')!r})")
+        try:
+            t = load_file(str(path))
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise StorageError(f"{path} is corrupt ({e})") from e
+        files = [folder / f for f in json.loads(meta["shards"])]
+        item_shape = tuple(json.loads(meta["item_shape"]))
+        store = LatentStore.from_files(files)
+        if store.item_shape != item_shape or [len(s) for s in store.shards] != json.loads(meta["rows"]):
+            raise StorageError(f"shards under {folder} do not match the index (rows or item shape changed)")
+        saved = meta["backend"]
+        cells = order = None
+        if "centroids" in t:
+            cells, order = ClusterCells(t["centroids"], t["cell_off"], t["cell_s"]), t["order"]
+        y = t["y"]
+        backend = backend or saved
+        if cells is not None and backend != "clusters":
+            y, cells, order = y[torch.argsort(order)], None, None
+        return cls(store, Features(t["mu"], t["w"]), y, float(meta["znorm_max"]), backend, cells, order, device,
+                   json.loads(meta.get("meta", "{}")))
+
+
+def atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming, resumable shard builder
+# --------------------------------------------------------------------------------------------------
+
+def shard_name(j: int) -> str:
+    return f"shard-{j:05d}.safetensors"
+
+
+def complete_shards(out_dir: Path, shard_size: int) -> int:
+    """Number of leading shards that exist, open cleanly and hold exactly shard_size rows."""
+    j = 0
+    while True:
+        try:
+            if len(Shard(out_dir / shard_name(j))) != shard_size:
+                return j
+        except StorageError:
+            return j
+        j += 1
+
+
+def build_shards(source: Iterable[torch.Tensor] | Callable[[int], Iterable[torch.Tensor]], out_dir: str | os.PathLike,
+                 shard_size: int = 8192, total: int | None = None, progress: ProgressFn | None = None,
+                 bar: bool = False) -> list[Path]:
+    """Writes latent batches [n, ...] from source into out_dir/shard-XXXXX.safetensors, atomically.
+
+    Resumable: shards already complete are kept and their rows skipped. source is an iterable of batches
+    (skipped rows are then read and dropped) or a callable source(start) returning batches from row
+    ``start`` on (skips for free). A manifest.json written last marks the set complete; a complete set
+    is returned as is. progress(done, total) is called after every shard (total None if unknown);
+    bar shows a tqdm progress bar. Returns the shard paths.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be ≥ 1, got {shard_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        info = json.loads(manifest.read_text())
+        if info.get("shard_size") == shard_size:
+            return [out / f for f in info["shards"]]
+    for stale in out.glob("*.tmp"):
+        stale.unlink()
+    done_shards = complete_shards(out, shard_size)
+    start = done_shards * shard_size
+    it = source(start) if callable(source) else source
+    skip = 0 if callable(source) else start
+    pbar = None
+    if bar:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=total, initial=start, unit="latent", desc=f"shards -> {out.name}", dynamic_ncols=True)
+    buf, nbuf, j, done, item_shape = [], 0, done_shards, start, None
+
+    def flush():
+        nonlocal buf, nbuf, j
+        block = torch.cat(buf)
+        save_latents(out / shard_name(j), block, {"kind": "index_shard", "index": j})
+        j += 1
+        buf, nbuf = [], 0
+
+    for batch in it:
+        batch = batch.detach().to("cpu", torch.float32)
+        if item_shape is None:
+            item_shape = tuple(batch.shape[1:])
+        elif tuple(batch.shape[1:]) != item_shape:
+            raise ValueError(f"latent batches must share one item shape: {item_shape} then {tuple(batch.shape[1:])}")
+        if skip:
+            drop = min(skip, len(batch))
+            batch, skip = batch[drop:], skip - drop
+            if len(batch) == 0:
+                continue
+        check_finite(batch, f"latents {done}..{done + len(batch)}")
+        while len(batch):
+            take = min(shard_size - nbuf, len(batch))
+            buf.append(batch[:take])
+            nbuf += take
+            batch = batch[take:]
+            done += take
+            if pbar is not None:
+                pbar.update(take)
+            if nbuf == shard_size:
+                flush()
+                if progress is not None:
+                    progress(done, total)
+    if nbuf:
+        flush()
+        if progress is not None:
+            progress(done, total)
+    if pbar is not None:
+        pbar.close()
+    files = [shard_name(i) for i in range(j)]
+    for extra in range(j, j + 1_000_000):  # a longer earlier run may have left shards past the end
+        p = out / shard_name(extra)
+        if not p.exists():
+            break
+        p.unlink()
+    tmp = manifest.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"shards": files, "rows": done, "shard_size": shard_size}))
+    os.replace(tmp, manifest)
+    return [out / f for f in files]
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+def latent_files(dirs: Sequence[str]) -> list[Path]:
+    files = []
+    for d in dirs:
+        p = Path(d)
+        if not p.is_dir():
+            raise SystemExit(f"--latents-dir {d} is not a folder")
+        files += sorted(p.glob("*.safetensors"))
+    if not files:
+        raise SystemExit("no .safetensors latent files found in " + ", ".join(dirs))
+    return files
+
+
+def folder_source(files: Sequence[Path]):
+    """source(start) over latent files ({"latents": [n, ...]} or a single tensor), skipping whole files."""
+    def rows_of(f):
+        header, _ = read_header(f)
+        names = [k for k in header if k != "__metadata__"]
+        if not names:
+            raise StorageError(f"{f} holds no tensors")
+        name = "latents" if "latents" in header else names[0]
+        return name, tuple(header[name]["shape"])
+
+    info = [rows_of(f) for f in files]
+
+    def source(start: int):
+        base = 0
+        for f, (name, shape) in zip(files, info):
+            n = shape[0] if len(shape) >= 4 else 1
+            if base + n <= start:
+                base += n
+                continue
+            x = load_file(str(f))[name].float()
+            x = x if len(shape) >= 4 else x[None]
+            yield x[max(0, start - base):]
+            base += n
+
+    total = sum(s[0] if len(s) >= 4 else 1 for _, s in info)
+    return source, total
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m spell_core.index", description="Build a SPELL reference index.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="shard latent files and index them (resumable)")
+    b.add_argument("--latents-dir", nargs="+", required=True, help="folders of latent .safetensors files")
+    b.add_argument("--out", required=True, help="output folder (shards + index.safetensors)")
+    b.add_argument("--shard-size", type=int, default=8192)
+    b.add_argument("--backend", default="auto", choices=BACKENDS)
+    b.add_argument("--projection", default="pca", choices=PROJECTIONS)
+    b.add_argument("--dim", type=int, default=32, help="PCA dimensions of the lower-bound features")
+    args = ap.parse_args(argv)
+    source, total = folder_source(latent_files(args.latents_dir))
+    files = build_shards(source, args.out, args.shard_size, total=total, bar=True)
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="latent", desc="features", dynamic_ncols=True) as pbar:
+        def progress(done, _total):
+            pbar.update(done - pbar.n)
+
+        index = ReferenceIndex.build(files, backend=args.backend, projection=args.projection, dim=args.dim,
+                                     progress=progress)
+    index.save(args.out)
+    print(f"indexed {len(index)} latents of shape {index.item_shape} ({index.backend}) in {args.out}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

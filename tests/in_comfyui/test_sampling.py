@@ -1,0 +1,126 @@
+"""SpellRepellency inside ComfyUI's real sampler, on toy models built on ComfyUI's UNetModel:
+EPS and v-prediction (4 channels) and flow (16 channels, SD3 latent format)."""
+import comfy.samplers
+import pytest
+import torch
+
+from spell_core import nearest
+
+from helpers import last_log, model_space, protected, sample, spell
+
+SAMPLERS = list(comfy.samplers.KSampler.SAMPLERS)
+# The shield is enforced with a relative margin of 1e-4 in model space; after the float32 round trip
+# through the latent format the outputs must still be at least r·(1 − 1e-6) from every reference.
+FLOAT_MARGIN = 1e-6
+
+
+def shield_case(comfy, model, conds):
+    """A protected set made of what the model itself would generate (plus a little noise): the hardest case."""
+    base = sample(comfy, model, conds, 4)
+    z = model_space(model, base)
+    g = torch.Generator().manual_seed(0)
+    refs = base + 0.01 * base.std() * torch.randn(base.shape, generator=g)
+    d = torch.cdist(z.flatten(1), z.flatten(1)) / z[0].numel() ** 0.5
+    r = 0.5 * d[d > 0].min().item()  # balls around distinct outputs do not swallow each other
+    return protected(comfy, refs), r
+
+
+@pytest.mark.parametrize("kind, lam", [("eps", 1.6), ("v_prediction", 1.6), ("flow", 1.6), ("flow", 1.0)])
+def test_every_sampler_keeps_outputs_out_of_the_shield(comfy, toy_models, conds, kind, lam):
+    """No final output inside the shield, for every sampler ComfyUI ships (including two-call samplers)."""
+    model = toy_models[kind]
+    refs, r = shield_case(comfy, model, conds)
+    z = model_space(model, refs.latents)
+    failures = []
+    for name in SAMPLERS:
+        patched = spell(comfy, model, r, lam=lam, references=refs)
+        out = sample(comfy, patched, conds, 4, sampler=name)
+        d = nearest(model_space(model, out), z)
+        if not (d >= r * (1 - FLOAT_MARGIN)).all() or not torch.isfinite(out).all():
+            failures.append((name, d.min().item() / r))
+        assert last_log(patched).finished
+    assert not failures, f"outputs inside the shield (distance / r): {failures}"
+
+
+def test_shield_without_enforcement_is_the_paper_push_only(comfy, toy_models, conds):
+    """enforce_shield off: the log counts no enforcement and the push alone acts (it may leak)."""
+    model = toy_models["eps"]
+    refs, r = shield_case(comfy, model, conds)
+    patched = spell(comfy, model, r, enforce=False, references=refs)
+    sample(comfy, patched, conds, 4)
+    log = last_log(patched)
+    assert log.enforced == 0 and log.active_share() > 0
+
+
+def test_sparsity_untouched_images_are_bit_identical(comfy, toy_models, conds):
+    """An image whose trajectory never comes within r of a reference is bit-identical to the unpatched run."""
+    model = toy_models["eps"]
+    base = sample(comfy, model, conds, 4, steps=10)
+    z = model_space(model, base)
+    d = torch.cdist(z.flatten(1), z.flatten(1)) / z[0].numel() ** 0.5
+    refs = protected(comfy, base[:1] + 0.01)
+    patched = spell(comfy, model, 0.3 * d[0, 1:].min().item(), references=refs)
+    out = sample(comfy, patched, conds, 4, steps=10)
+    log = last_log(patched)
+    never = [i for i in range(4) if all(s.active_pairs[i] == 0 for s in log.steps)]
+    assert 0 not in never and never, f"precondition: image 0 pushed, some others never ({never})"
+    assert not torch.equal(out[0], base[0])
+    for i in never:
+        assert torch.equal(out[i], base[i]), f"image {i} was never pushed but changed"
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+def test_noop_settings_are_bit_identical(comfy, toy_models, conds, kind):
+    """λ = 0 without enforcement, or an active window that no step falls in, changes nothing at all."""
+    model = toy_models[kind]
+    base = sample(comfy, model, conds, 3)
+    refs = protected(comfy, base.clone())
+    for patched in (spell(comfy, model, 5.0, lam=0.0, in_batch="mutual", enforce=False, references=refs),
+                    spell(comfy, model, 5.0, in_batch="mutual", start=0.999, end=1.0, enforce=False, references=refs)):
+        assert torch.equal(sample(comfy, patched, conds, 3), base)
+
+
+@pytest.mark.parametrize("mode", ["mutual", "ordered"])
+def test_in_batch_repellency_spreads_the_batch(comfy, toy_models, conds, mode):
+    """Same prompt, in-batch SPELL: the closest pair of the batch ends farther apart than without it."""
+    model = toy_models["eps"]
+    base = model_space(model, sample(comfy, model, conds, 6, steps=10))
+    mask = ~torch.eye(6, dtype=torch.bool)
+    d0 = nearest(base, base, mask)
+    patched = spell(comfy, model, 2.0 * d0.max().item(), in_batch=mode)
+    out = model_space(model, sample(comfy, patched, conds, 6, steps=10))
+    assert nearest(out, out, mask).min() > d0.min()
+    if mode == "ordered":
+        assert torch.equal(out[0], base[0])  # the first image is never repelled in ordered mode
+
+
+def test_chains_with_another_post_cfg_node(comfy, toy_models, conds):
+    """SPELL before or after ComfyUI's PerturbedAttentionGuidance (also a post-CFG function): both act,
+    and the shield still holds."""
+    model = toy_models["eps"]
+    pag = comfy.NODE_CLASS_MAPPINGS["PerturbedAttentionGuidance"]
+    refs, r = shield_case(comfy, model, conds)
+    z = model_space(model, refs.latents)
+    pag_only = sample(comfy, pag.execute(model, 3.0).result[0], conds, 4)
+    spell_only = sample(comfy, spell(comfy, model, r, references=refs), conds, 4)
+    chains = (pag.execute(spell(comfy, model, r, references=refs), 3.0).result[0],
+              spell(comfy, pag.execute(model, 3.0).result[0], r, references=refs))
+    for chained in chains:
+        assert len(chained.model_options["sampler_post_cfg_function"]) == 2
+        out = sample(comfy, chained, conds, 4)
+        assert not torch.equal(out, pag_only) and not torch.equal(out, spell_only)
+        assert (nearest(model_space(model, out), z) >= r * (1 - FLOAT_MARGIN)).all()
+
+
+def test_partial_runs_are_left_alone(comfy, toy_models, conds):
+    """KSamplerAdvanced returning leftover noise: no enforcement and no memory append on the partial run."""
+    model = toy_models["eps"]
+    refs, r = shield_case(comfy, model, conds)
+    mem = comfy.NODE_CLASS_MAPPINGS["SpellBatchMemory"]().open("partial-run", 16)[0]
+    mem.clear()
+    patched = spell(comfy, model, r, references=refs, memory=mem)
+    pos, neg = conds
+    adv = comfy.NODE_CLASS_MAPPINGS["KSamplerAdvanced"]()
+    adv.sample(patched, "enable", 7, 6, 4.0, "euler", "normal", pos, neg, {"samples": torch.zeros(2, 4, 8, 8)},
+               0, 3, "enable")
+    assert len(mem) == 0 and last_log(patched).finished is False
