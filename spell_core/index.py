@@ -48,6 +48,8 @@ MANIFEST = "manifest.json"
 SLACK = 1e-4
 # "auto" picks "clusters" from this many references on (measured in docs/index_benchmark.md).
 AUTO_CLUSTERS_FROM = 20_000
+# References per k-means cell of the "clusters" backend (measured in docs/index_benchmark.md).
+CELL_SIZE = 32
 
 ProgressFn = Callable[[int, int], None]
 
@@ -262,29 +264,31 @@ class ClusterCells:
         self.key = self.cell_of.double() + s.double() / self.scale
 
     @classmethod
-    def fit(cls, y: torch.Tensor, cells: int, iters: int = 12, seed: int = 0):
-        """k-means on y [N, d] (faiss when present) -> (cells, order [N] of rows sorted by cell and s)."""
+    def fit(cls, y: torch.Tensor, cells: int, seed: int = 0):
+        """Two-level k-means on y [N, d]: ~sqrt(cells) coarse cells, each split in proportion to its size, so
+        the build costs O(N·sqrt(cells)) -> (cells, order [N] of rows sorted by cell and s). Any assignment
+        is exact; a good one only makes the pruning tighter."""
         n = y.shape[0]
         cells = max(1, min(cells, n))
-        yn = y.numpy().astype(np.float32, copy=False)
-        if faiss is not None and n >= cells * 4:
-            km = faiss.Kmeans(y.shape[1], cells, niter=iters, seed=seed, max_points_per_centroid=64, verbose=False)
-            km.train(np.ascontiguousarray(yn))
-            cent = torch.from_numpy(km.centroids.copy())
-        else:
-            g = torch.Generator().manual_seed(seed)
-            cent = y[torch.randperm(n, generator=g)[:cells]].clone()
-            for _ in range(iters):
-                a = nearest_centroid(y, cent)
-                sums = torch.zeros_like(cent).index_add_(0, a, y)
-                cnt = torch.bincount(a, minlength=cells)
-                cent = torch.where(cnt[:, None] > 0, sums / cnt.clamp_min(1)[:, None], cent)
-        a = nearest_centroid(y, cent)
-        s = (y - cent[a]).double().pow(2).sum(1).sqrt().float()
-        order = np.lexsort((s.numpy(), a.numpy()))
-        order = torch.from_numpy(order)
-        off = torch.zeros(cells + 1, dtype=torch.long)
-        off[1:] = torch.bincount(a, minlength=cells).cumsum(0)
+        coarse, a1 = kmeans(y, max(1, round(math.sqrt(cells))), seed)
+        by = torch.argsort(a1, stable=True)
+        sizes = torch.bincount(a1, minlength=len(coarse)).tolist()
+        labels = torch.empty(n, dtype=torch.long)
+        cents, base, at = [], 0, 0
+        for c, size in enumerate(sizes):
+            rows = by[at:at + size]
+            at += size
+            if size == 0:
+                continue
+            cf, af = kmeans(y[rows], max(1, round(size * cells / n)), seed + c + 1)
+            labels[rows] = af + base
+            cents.append(cf)
+            base += len(cf)
+        cent = torch.cat(cents)
+        s = (y - cent[labels]).double().pow(2).sum(1).sqrt().float()
+        order = torch.from_numpy(np.lexsort((s.numpy(), labels.numpy())))
+        off = torch.zeros(len(cent) + 1, dtype=torch.long)
+        off[1:] = torch.bincount(labels, minlength=len(cent)).cumsum(0)
         return cls(cent, off, s[order]), order
 
     def search(self, y: torch.Tensor, q: torch.Tensor, t: torch.Tensor):
@@ -320,6 +324,27 @@ class ClusterCells:
 
     def tensors(self) -> dict:
         return {"centroids": self.centroids, "cell_off": self.off, "cell_s": self.s}
+
+
+def kmeans(y: torch.Tensor, k: int, seed: int = 0, iters: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means of y [n, d] -> (centroids [k', d], labels [n]); faiss when present, trained on ≤ 64·k rows."""
+    n = y.shape[0]
+    if n <= k:
+        return y.clone(), torch.arange(n)
+    if faiss is not None:
+        km = faiss.Kmeans(y.shape[1], k, niter=iters, seed=seed, max_points_per_centroid=64,
+                          min_points_per_centroid=1, verbose=False)
+        km.train(np.ascontiguousarray(y.numpy(), dtype=np.float32))
+        cent = torch.from_numpy(km.centroids.copy())
+    else:
+        g = torch.Generator().manual_seed(seed)
+        cent = y[torch.randperm(n, generator=g)[:k]].clone()
+        for _ in range(iters):
+            a = nearest_centroid(y, cent)
+            sums = torch.zeros_like(cent).index_add_(0, a, y)
+            cnt = torch.bincount(a, minlength=k)
+            cent = torch.where(cnt[:, None] > 0, sums / cnt.clamp_min(1)[:, None], cent)
+    return cent, nearest_centroid(y, cent)
 
 
 def nearest_centroid(y: torch.Tensor, cent: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
@@ -369,7 +394,7 @@ class ReferenceIndex:
 
         projection "pca" keeps the top ``dim`` principal directions of ``fit_rows`` sampled rows;
         "pool" averages ``pool``×``pool`` blocks. ``cells`` (k-means cells for the "clusters" backend)
-        defaults to N / 256. ``progress(done, total)`` is called as rows are projected.
+        defaults to N / CELL_SIZE. ``progress(done, total)`` is called as rows are projected.
         """
         if projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
@@ -404,7 +429,7 @@ class ReferenceIndex:
         backend = resolve_backend(backend, n)
         cell_index, order = None, None
         if backend == "clusters" and n:
-            cell_index, order = ClusterCells.fit(y, cells or max(1, n // 256), seed=seed)
+            cell_index, order = ClusterCells.fit(y, cells or max(1, n // CELL_SIZE), seed=seed)
             y = y[order].contiguous()
         meta = {"projection": projection, "dim": int(w.shape[0]), "pool": pool}
         return cls(store, feats, y, znorm, backend, cell_index, order, device, meta)
@@ -413,7 +438,7 @@ class ReferenceIndex:
         self._faiss = None
         self._y2 = None
         if self.backend == "clusters" and self.cells is None and len(self):
-            self.cells, self.order = ClusterCells.fit(self.y, max(1, len(self) // 256))
+            self.cells, self.order = ClusterCells.fit(self.y, max(1, len(self) // CELL_SIZE))
             self.y = self.y[self.order].contiguous()
         if self.backend == "torch":
             self._yd = self.y.to(self.device)

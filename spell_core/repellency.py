@@ -15,7 +15,7 @@ IN_BATCH_MODES = ("off", "mutual", "ordered")
 
 def flat32(x: torch.Tensor) -> torch.Tensor:
     """[B, ...] -> [B, D] in float32 (distances and norms are always taken in float32)."""
-    return x.reshape(x.shape[0], -1).float()
+    return x.reshape(x.shape[0], math.prod(x.shape[1:])).float()
 
 
 def rms_cdist(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

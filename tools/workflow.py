@@ -53,7 +53,7 @@ class Executor:
         if not valid:
             return Result(False, error=f"{error.get('message')}: {error.get('details')} {node_errors}")
         self.server.messages.clear()
-        self.executor.execute(prompt, prompt_id, {}, outputs)
+        self.executor.execute(prompt, prompt_id, {"client_id": "headless"}, outputs)
         result = Result(self.executor.success)
         for event, data in self.server.messages:
             if event == "execution_error":

@@ -2,7 +2,7 @@
 import torch
 
 
-def sample(comfy, model, conds, batch, seed=7, steps=6, sampler="euler", scheduler="normal", cfg=4.0, channels=None):
+def sample(comfy, model, conds, batch, seed=7, steps=4, sampler="euler", scheduler="normal", cfg=4.0, channels=None):
     """ComfyUI's KSampler path (nodes.common_ksampler) on an empty latent of the toy size [C, 8, 8]."""
     c = channels or model.model.latent_format.latent_channels
     latent = {"samples": torch.zeros(batch, c, 8, 8)}

@@ -1,0 +1,236 @@
+"""Exact range search (spell_core.index) against the brute force rms_cdist it must reproduce bit for bit."""
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from spell_core.index import (BACKENDS, ReferenceIndex, Shard, build_shards, faiss, main, pool_basis)
+from spell_core.repellency import flat32, rms_cdist
+from spell_core.storage import StorageError
+
+SHAPE = (2, 4, 4)
+EXACT = [b for b in BACKENDS if b != "auto" and (b != "faiss" or faiss is not None)]
+
+
+def brute(x, z, r):
+    """Reference answer: every (i, k) with rms_cdist < r, and the distances, sorted by (i, k)."""
+    d = rms_cdist(flat32(x), flat32(z))
+    i, k = torch.nonzero(d < r, as_tuple=True)
+    return i, k, d[i, k]
+
+
+def assert_same(got, want):
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), "pairs differ from brute force"
+    assert torch.equal(got[2], want[2]), "distances differ from rms_cdist"
+
+
+def clustered(n, g, centres=5, spread=0.3):
+    c = torch.randn(centres, *SHAPE, generator=g)
+    return c[torch.randint(0, centres, (n,), generator=g)] + spread * torch.randn(n, *SHAPE, generator=g)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 300), b=st.integers(1, 9),
+       r=st.floats(0.05, 2.0), backend=st.sampled_from(EXACT), dim=st.integers(1, 12),
+       projection=st.sampled_from(["pca", "pool"]), kind=st.sampled_from(["random", "clustered"]))
+def test_exact_against_brute_force(seed, n, b, r, backend, dim, projection, kind):
+    """Random and clustered sets, every backend and projection: the same pairs and distances as brute force."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, *SHAPE, generator=g) if kind == "random" else clustered(n, g)
+    x = z[torch.randint(0, n, (b,), generator=g)] + 0.2 * torch.randn(b, *SHAPE, generator=g)
+    index = ReferenceIndex.build(z, backend=backend, projection=projection, dim=dim, pool=2, cells=max(1, n // 8))
+    assert_same(index.range_search(x, r), brute(x, z, r))
+
+
+@pytest.mark.parametrize("backend", EXACT)
+def test_points_on_the_radius_boundary(backend):
+    """References placed at r(1 ± 1e-6) and radii equal to an exact distance or one float above it."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, *SHAPE, generator=g)
+    u = torch.randn(60, *SHAPE, generator=g)
+    u = u / flat32(u).norm(dim=1).view(-1, 1, 1, 1) * math.sqrt(math.prod(SHAPE))  # RMS norm 1
+    scale = torch.tensor([1 - 1e-6, 1.0, 1 + 1e-6]).repeat(20).view(-1, 1, 1, 1)
+    z = torch.cat([x[j] + 0.5 * scale * u for j in range(4)] + [torch.randn(200, *SHAPE, generator=g)])
+    index = ReferenceIndex.build(z, backend=backend, dim=4, cells=16)
+    d = rms_cdist(flat32(x), flat32(z))
+    for r in [0.5, float(d[0, 1]), float(torch.nextafter(d[0, 1], torch.tensor(math.inf))), float(d[2, 125])]:
+        assert_same(index.range_search(x, r), brute(x, z, r))
+
+
+def test_planted_queries_are_all_found():
+    """Queries planted strictly inside a ball always find that reference (no false negatives)."""
+    g = torch.Generator().manual_seed(2)
+    z = clustered(2000, g, centres=40)
+    k = torch.randint(0, 2000, (16,), generator=g)
+    e = torch.randn(16, *SHAPE, generator=g)
+    e = e / flat32(e).norm(dim=1).view(-1, 1, 1, 1) * math.sqrt(math.prod(SHAPE))
+    x = z[k] + 0.29 * e
+    index = ReferenceIndex.build(z, backend="clusters", dim=6)
+    i, kk, _ = index.range_search(x, 0.3)
+    assert set(zip(range(16), k.tolist())) <= set(zip(i.tolist(), kk.tolist()))
+    assert_same((i, kk, _), brute(x, z, 0.3))
+
+
+def test_shards_round_trip(tmp_path):
+    """build_shards -> build from files -> save -> load gives the same answers and latents as in memory."""
+    g = torch.Generator().manual_seed(3)
+    z = clustered(700, g)
+    x = z[:5] + 0.1
+    files = build_shards((z[a:a + 64] for a in range(0, 700, 64)), tmp_path / "shards", shard_size=128)
+    assert len(files) == 6 and [len(Shard(f)) for f in files] == [128] * 5 + [60]
+    mem = ReferenceIndex.build(z, backend="clusters", dim=5)
+    disk = ReferenceIndex.build(files, backend="clusters", dim=5)
+    assert torch.equal(disk.get(torch.tensor([0, 129, 699])), z[[0, 129, 699]])
+    for index in (disk, mem):
+        index.save(tmp_path / "index")
+        loaded = ReferenceIndex.load(tmp_path / "index")
+        assert len(loaded) == 700 and loaded.item_shape == SHAPE
+        for backend in EXACT:
+            assert_same(loaded.with_backend(backend).range_search(x, 0.45), brute(x, z, 0.45))
+
+
+def test_resume_after_interruption(tmp_path):
+    """A build killed after two shards resumes at row 2·shard_size and writes the same shards."""
+    z = torch.randn(500, *SHAPE, generator=torch.Generator().manual_seed(4))
+    starts = []
+
+    def source(start, fail_at=None):
+        starts.append(start)
+        for a in range(start, 500, 50):
+            if fail_at is not None and a >= fail_at:
+                raise KeyboardInterrupt
+            yield z[a:a + 50]
+
+    with pytest.raises(KeyboardInterrupt):
+        build_shards(lambda s: source(s, fail_at=250), tmp_path, shard_size=100)
+    assert not (tmp_path / "manifest.json").exists()
+    calls = []
+    files = build_shards(source, tmp_path, shard_size=100, progress=lambda done, total: calls.append(done))
+    assert starts[-1] == 200 and calls == [300, 400, 500]
+    assert torch.equal(torch.cat([Shard(f).read(0, len(Shard(f))) for f in files]), flat32(z))
+    assert build_shards(source, tmp_path, shard_size=100) == files and starts[-1] == 200  # complete: no work
+
+
+def test_resume_with_a_plain_iterable_skips_rows(tmp_path):
+    """An iterable source (not resumable itself) is read and dropped up to the first missing shard."""
+    z = torch.randn(300, *SHAPE, generator=torch.Generator().manual_seed(5))
+    build_shards([z[:100]], tmp_path, shard_size=100)
+    (tmp_path / "manifest.json").unlink()
+    files = build_shards([z[a:a + 30] for a in range(0, 300, 30)], tmp_path, shard_size=100)
+    assert torch.equal(torch.cat([Shard(f).read(0, 100) for f in files]), flat32(z))
+
+
+def test_corrupt_and_truncated_shards_fail_clearly(tmp_path):
+    """Truncated data, a broken header and a missing shard raise StorageError naming the file."""
+    z = torch.randn(64, *SHAPE)
+    files = build_shards([z], tmp_path / "s", shard_size=32)
+    ReferenceIndex.build(files).save(tmp_path / "i")
+    with open(files[1], "r+b") as f:
+        f.truncate(os.path.getsize(files[1]) - 100)
+    with pytest.raises(StorageError, match="truncated"):
+        ReferenceIndex.load(tmp_path / "i")
+    files[0].write_bytes(b"\xff" * 7)
+    with pytest.raises(StorageError, match="shard-00000"):
+        Shard(files[0])
+    files[0].write_bytes(b"\x0a\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(StorageError, match="not a readable"):
+        Shard(files[0])
+    files[0].unlink()
+    with pytest.raises(StorageError, match="does not exist"):
+        ReferenceIndex.load(tmp_path / "i")
+
+
+def test_truncated_shard_is_rewritten_on_resume(tmp_path):
+    """A damaged shard counts as missing: resume rewrites it and everything after it."""
+    z = torch.randn(300, *SHAPE)
+    files = build_shards([z], tmp_path, shard_size=100)
+    (tmp_path / "manifest.json").unlink()
+    with open(files[1], "r+b") as f:
+        f.truncate(200)
+    files = build_shards([z], tmp_path, shard_size=100)
+    assert torch.equal(Shard(files[1]).read(0, 100), flat32(z[100:200]))
+
+
+@pytest.mark.parametrize("backend", EXACT + ["auto"])
+def test_empty_index(backend, tmp_path):
+    """No references: no pairs, for any batch; save and load still work."""
+    index = ReferenceIndex.build(torch.zeros(0, *SHAPE), backend=backend)
+    assert len(index) == 0 and index.item_shape == SHAPE
+    i, k, d = index.range_search(torch.randn(3, *SHAPE), 1.0)
+    assert i.numel() == k.numel() == d.numel() == 0 and i.dtype == torch.long and d.dtype == torch.float32
+    index.save(tmp_path)
+    assert len(ReferenceIndex.load(tmp_path)) == 0
+
+
+@pytest.mark.parametrize("r", [0.0, -1.0, math.nan, math.inf])
+def test_bad_radius_raises(r):
+    index = ReferenceIndex.build(torch.randn(10, *SHAPE))
+    with pytest.raises(ValueError, match="radius"):
+        index.range_search(torch.randn(2, *SHAPE), r)
+
+
+def test_bad_arguments_raise():
+    z = torch.randn(10, *SHAPE)
+    with pytest.raises(ValueError, match="backend"):
+        ReferenceIndex.build(z, backend="hnsw")
+    with pytest.raises(ValueError, match="projection"):
+        ReferenceIndex.build(z, projection="random")
+    with pytest.raises(ValueError, match="item shape"):
+        ReferenceIndex.build(z).range_search(torch.randn(2, 3, 4, 4), 1.0)
+    with pytest.raises(ValueError, match="shard_size"):
+        build_shards([z], "unused", shard_size=0)
+
+
+def test_pool_basis_is_orthonormal_and_averages():
+    """Pooling rows are orthonormal, and W x is the block average times pool."""
+    w = pool_basis((2, 4, 4), 2)
+    assert torch.allclose(w @ w.T, torch.eye(8, dtype=torch.float64))
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    pooled = torch.nn.functional.avg_pool2d(x, 2).flatten() * 2
+    assert torch.allclose(w @ x.flatten(), pooled)
+
+
+def test_features_are_contractive():
+    """||y(a) − y(b)|| ≤ ||a − b|| for the stored features (the lower bound behind exactness)."""
+    g = torch.Generator().manual_seed(6)
+    z = clustered(400, g)
+    index = ReferenceIndex.build(z, backend="torch", dim=6)
+    ya, _ = index.features(flat32(z[:200]))
+    yb, _ = index.features(flat32(z[200:]))
+    assert ((ya - yb).norm(dim=1) <= (flat32(z[:200]) - flat32(z[200:])).double().norm(dim=1) * (1 + 1e-12)).all()
+
+
+def test_query_dtype_and_get():
+    """float16 queries are measured in float32; get returns [P, ...] references."""
+    z = torch.randn(50, *SHAPE)
+    index = ReferenceIndex.build(z)
+    x = z[:3].half()
+    assert_same(index.range_search(x, 0.5), brute(x.float(), z, 0.5))
+    assert index.get(torch.tensor([4, 2])).shape == (2, *SHAPE)
+    with pytest.raises(IndexError):
+        index.get(torch.tensor([50]))
+
+
+def test_cli_build(tmp_path):
+    """python -m spell_core.index build over a folder of latent files writes a loadable index."""
+    src = tmp_path / "latents"
+    src.mkdir()
+    z = torch.randn(90, *SHAPE)
+    from spell_core.storage import save_latents
+
+    for j in range(3):
+        save_latents(src / f"part{j}.safetensors", z[30 * j:30 * j + 30])
+    assert main(["build", "--latents-dir", str(src), "--out", str(tmp_path / "out"), "--shard-size", "40"]) == 0
+    index = ReferenceIndex.load(tmp_path / "out")
+    assert len(index) == 90
+    assert torch.equal(index.get(torch.arange(90)), z)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_backend_on_cuda():
+    z = clustered(500, torch.Generator().manual_seed(7))
+    x = z[:4] + 0.1
+    index = ReferenceIndex.build(z, backend="torch", device="cuda")
+    assert_same(index.range_search(x, 0.4), brute(x, z, 0.4))

@@ -1,0 +1,32 @@
+"""The shipped example workflows (UI format), converted and run by ComfyUI's own executor on the demo model."""
+import json
+from pathlib import Path
+
+import folder_paths
+import pytest
+
+from tools.demo_assets import write_protected_digits
+from tools.workflow import ui_to_api
+
+WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
+
+
+def test_there_are_example_workflows():
+    assert {p.stem for p in WORKFLOWS} >= {"spell_diversity", "spell_protected_set", "spell_batch_memory"}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_example_workflow_runs(comfy, executor, path):
+    write_protected_digits(folder_paths.get_input_directory())
+    prompt = ui_to_api(json.loads(path.read_text()), comfy.NODE_CLASS_MAPPINGS)
+    result = executor.run(prompt)
+    assert result.success, result.error
+    saved = [n for n, node in prompt.items() if node["class_type"] == "SaveImage"]
+    for n in saved:
+        images = result.ui[n]["images"]
+        assert len(images) == prompt["4"]["inputs"]["batch_size"]
+        for img in images:
+            assert Path(folder_paths.get_output_directory(), img["subfolder"], img["filename"]).is_file()
+    reports = [n for n, node in prompt.items() if node["class_type"] == "SpellReport"]
+    for n in reports:
+        assert "push active" in result.ui[n]["text"][0]
