@@ -139,3 +139,17 @@ def test_nearest_with_mask_and_empty():
     assert torch.isinf(nearest(x, x[:0])).all()
     d = nearest(x, x, ~torch.eye(3, dtype=torch.bool))
     assert (d > 0).all()
+
+
+def test_metrics_closed_forms():
+    """Vendi: N orthogonal items -> N, identical -> 1; PRDC of a set against itself -> 1; FD(a, a) -> 0."""
+    from spell_core.metrics import class_shares, frechet_distance, prdc, vendi_score
+
+    assert vendi_score(torch.eye(5)) == pytest.approx(5.0)
+    assert vendi_score(torch.ones(5, 3)) == pytest.approx(1.0)
+    x = torch.randn(200, 4, generator=torch.Generator().manual_seed(0))
+    scores = prdc(x, x, k=5)
+    assert scores["precision"] == scores["recall"] == scores["coverage"] == 1.0
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+    assert frechet_distance(x, x + 2.0) == pytest.approx(16.0, rel=1e-6)  # |Δμ|² = 4 · 2²
+    assert class_shares(torch.eye(3)[[0, 0, 2, 2]]).tolist() == [0.5, 0.0, 0.5]
