@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     ap.add_argument("--planted", type=int, default=64, help="queries planted inside the shield")
     ap.add_argument("--dim", type=int, default=32, help="PCA dimensions of the lower-bound features")
     ap.add_argument("--nprobe", type=int, default=8, help="lists probed by the approximate IVF baseline")
-    ap.add_argument("--brute-steps", type=int, default=2, help="steps timed for brute force")
+    ap.add_argument("--brute-steps", type=int, default=1, help="steps timed for brute force")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--r", type=float, default=None, help="radius (default: calibrated, ~3 % of queries hit)")
     ap.add_argument("--worker", choices=["build", "query"], help=argparse.SUPPRESS)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import mmap
 import os
 import struct
 import sys
@@ -29,6 +30,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .repellency import flat32, rms_cdist
@@ -46,8 +48,9 @@ INDEX_FILE = "index.safetensors"
 MANIFEST = "manifest.json"
 # Relative slack on lower bounds, in units of the norms involved: float32 storage/scan error is ~1e-6 of them.
 SLACK = 1e-4
-# "auto" picks "clusters" from this many references on (measured in docs/index_benchmark.md).
-AUTO_CLUSTERS_FROM = 20_000
+# "auto" is the flat torch scan: fastest exact backend at every N measured (docs/index_benchmark.md);
+# "clusters" prunes exactly but its cell bounds were too loose on the benchmark latents to pay off.
+AUTO_BACKEND = "torch"
 # References per k-means cell of the "clusters" backend (measured in docs/index_benchmark.md).
 CELL_SIZE = 32
 
@@ -106,6 +109,8 @@ class Shard:
         if self._mm is None:
             d = math.prod(self.shape[1:])
             self._mm = np.memmap(self.path, np.float32, "r", self.offset, (self.shape[0], d))
+            if hasattr(mmap, "MADV_RANDOM"):  # candidate rows are scattered: no readahead around them
+                self._mm._mmap.madvise(mmap.MADV_RANDOM)
         return self._mm
 
     def read(self, a: int, b: int) -> torch.Tensor:
@@ -363,7 +368,7 @@ def resolve_backend(backend: str, n: int) -> str:
     if backend == "faiss" and faiss is None:
         raise ValueError("backend 'faiss' needs the faiss-cpu package (pip install faiss-cpu)")
     if backend == "auto":
-        return "clusters" if n >= AUTO_CLUSTERS_FROM else "torch"
+        return AUTO_BACKEND
     return backend
 
 
@@ -478,16 +483,18 @@ class ReferenceIndex:
         # lower-bound radius in L2 units with slack for float error in features (∝ norms) and in the scan
         t = r * math.sqrt(dmodel) + SLACK * (xn + self.znorm_max)
         t = t + SLACK * (q.norm(dim=1) + self.ynorm_max)
+        # matmul-expanded squared distances (torch, faiss) err by ~1e-6·(|q|² + |y|²) even for tiny radii
+        t2 = t * t + SLACK * (q.norm(dim=1) + self.ynorm_max) ** 2
         qf = q.float()
         if self.backend == "torch":
-            return flat_torch(self._yd, self._y2, qf, t * t)
+            return flat_torch(self._yd, self._y2, qf, t2)
         if self.backend == "faiss":
-            lims, _, k = self._faiss.range_search(np.ascontiguousarray(qf.numpy()), 0.0 + float((t * t).max()))
+            lims, _, k = self._faiss.range_search(np.ascontiguousarray(qf.numpy()), float(t2.max()))
             lims = torch.from_numpy(lims.astype(np.int64))
             i = torch.repeat_interleave(torch.arange(len(q)), lims[1:] - lims[:-1])
             k = torch.from_numpy(k.astype(np.int64))
             d2 = (self.y[k] - qf[i]).pow(2).sum(1)  # per-query radius (faiss takes one for the batch)
-            keep = d2 <= (t[i] * t[i]).float()
+            keep = d2 <= (t[i] * t[i]).float()  # direct differences: t's slack suffices
             return i[keep], k[keep]
         i, pos = self.cells.search(self.y, qf, t.float())
         return i, self.order[pos]
@@ -561,7 +568,7 @@ class ReferenceIndex:
             raise StorageError(f"{path} is not a SPELL index (format {meta.get('format')!r})")
         try:
             t = load_file(str(path))
-        except Exception as e:  # safetensors raises several types for damaged files
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise StorageError(f"{path} is corrupt ({e})") from e
         files = [folder / f for f in json.loads(meta["shards"])]
         item_shape = tuple(json.loads(meta["item_shape"]))

@@ -234,3 +234,15 @@ def test_torch_backend_on_cuda():
     x = z[:4] + 0.1
     index = ReferenceIndex.build(z, backend="torch", device="cuda")
     assert_same(index.range_search(x, 0.4), brute(x, z, 0.4))
+
+
+@pytest.mark.parametrize("backend", EXACT)
+def test_tiny_radius(backend):
+    """Exact duplicates and near-duplicates are found at radii far below float32 matmul error."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(300, *SHAPE, generator=g) * 10
+    x = torch.cat([z[:2], z[5:6] + 1e-5])
+    index = ReferenceIndex.build(z, backend=backend, dim=3, cells=20)
+    for r in (1e-7, 2e-5, 1e-3):
+        assert_same(index.range_search(x, r), brute(x, z, r))
+    assert len(index.range_search(x, 2e-5)[0]) == 3
