@@ -31,6 +31,15 @@ def input_folders() -> list[str]:
     return sorted(p.name for p in base.iterdir() if p.is_dir() and list_images(p)) if base.is_dir() else []
 
 
+def set_files() -> list[str]:
+    """Set files and index folders ("<name>/") in models/spell_sets."""
+    names = list(folder_paths.get_filename_list(SETS))
+    for base in folder_paths.get_folder_paths(SETS):
+        if os.path.isdir(base):
+            names += [f"{d}/" for d in sorted(os.listdir(base)) if os.path.isfile(os.path.join(base, d, "index.safetensors"))]
+    return names
+
+
 class SpellProtectedSetLoader:
     NODE_ID = "SpellProtectedSetLoader"
     DISPLAY_NAME = "SPELL Protected Set Loader"
@@ -52,8 +61,9 @@ class SpellProtectedSetLoader:
             "required": {
                 "folder": ([NONE] + input_folders(), {"tooltip": "A folder under ComfyUI's input directory whose "
                                                               "images are protected (PNG, JPEG, WebP, BMP)."}),
-                "set_file": ([NONE] + folder_paths.get_filename_list(SETS), {"tooltip":
-                    "A set saved with SPELL Protected Set Save (models/spell_sets)."}),
+                "set_file": ([NONE] + set_files(), {"tooltip":
+                    "A set saved with SPELL Protected Set Save (models/spell_sets/*.safetensors), or an index folder "
+                    "there (models/spell_sets/<name>/ built by `python -m spell_core.index build`) for large sets."}),
                 "width": ("INT", {"default": 512, "min": 8, "max": 16384, "step": 8, "tooltip":
                     "Generation width: images are fitted to it before encoding (must match the sampler's latent)."}),
                 "height": ("INT", {"default": 512, "min": 8, "max": 16384, "step": 8, "tooltip": "Generation height."}),
@@ -77,9 +87,10 @@ class SpellProtectedSetLoader:
                 st = p.stat()
                 h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
         if set_file != NONE:
-            path = folder_paths.get_full_path(SETS, set_file)
-            if path and os.path.exists(path):
-                h.update(f"{set_file}:{os.stat(path).st_mtime_ns}".encode())
+            for b in folder_paths.get_folder_paths(SETS):
+                path = os.path.join(b, set_file, "index.safetensors") if set_file.endswith("/") else os.path.join(b, set_file)
+                if os.path.exists(path):
+                    h.update(f"{set_file}:{os.stat(path).st_mtime_ns}".encode())
         return h.hexdigest()
 
     def load(self, folder, set_file, width, height, resize, vae=None, images=None, latent=None):
@@ -123,10 +134,15 @@ class SpellProtectedSetLoader:
         return ReferenceSet(latents, {"sources": [f"folder {folder} ({len(latents)} images, {width}x{height}, {resize})"]})
 
     def from_file(self, set_file):
-        path = folder_paths.get_full_path(SETS, set_file)
+        if set_file.endswith("/"):
+            path = next((inside(b, set_file.rstrip("/")) for b in folder_paths.get_folder_paths(SETS)
+                         if os.path.isdir(os.path.join(b, set_file))), None)
+        else:
+            path = folder_paths.get_full_path(SETS, set_file)
         if path is None:
             raise StorageError(f"set file {set_file!r} not found in models/{SETS}")
-        inside(os.path.dirname(path), os.path.basename(path))
+        if not any(Path(b).resolve() in Path(path).resolve().parents for b in folder_paths.get_folder_paths(SETS)):
+            raise StorageError(f"set file {set_file!r} points outside models/{SETS}")
         refs = ReferenceSet.load(path)
         refs.meta["sources"] = [f"file {set_file} ({len(refs)})"]
         return refs

@@ -17,6 +17,7 @@ import torch
 
 from ..spell_core import RunHistory, SpellConfig, SpellRun
 from ..spell_core.repellency import IN_BATCH_MODES
+from ..spell_core.shield import IndexPart, Shield, TensorPart, scalar_affine
 from ..spell_core.storage import StorageError
 from .common import SpellInputError
 
@@ -114,18 +115,27 @@ class SpellRepellency:
 
 
 def static_references(node_id, base, sample_shape, references, memory):
-    """Protected set + stored memory in model space, checked against the sampler's latents."""
-    parts = []
+    """The protected set and the stored memory as one Shield in model space, checked against the sampler's
+    latents. Large sets keep their index and are reached through the latent format's scalar affine map."""
     item = tuple(sample_shape[1:])
-    sources = (("protected set", references.latents if references is not None else None),
-               ("batch memory", load_memory(node_id, memory)))
-    for what, latents in sources:
-        if latents is None:
+    parts = []
+    for what, source in (("protected set", references), ("batch memory", load_memory(node_id, memory))):
+        if source is None:
             continue
-        if tuple(latents.shape[1:]) != item:
-            raise SpellInputError(node_id, describe_mismatch(what, tuple(latents.shape[1:]), item))
-        parts.append(base.process_latent_in(latents.float()))
-    return torch.cat(parts) if parts else None
+        shape = source.item_shape if what == "protected set" else tuple(source.shape[1:])
+        if shape != item:
+            raise SpellInputError(node_id, describe_mismatch(what, shape, item))
+        index = source.search_index() if what == "protected set" else None
+        if index is None:
+            latents = source.latents if what == "protected set" else source
+            parts.append(TensorPart(base.process_latent_in(latents.float())))
+            continue
+        affine = scalar_affine(base.process_latent_in, item)
+        if affine is None:
+            raise SpellInputError(node_id, "this model's latent format is not a scalar scale and shift, which an "
+                                           "indexed protected set needs; use a set of under 4096 references.")
+        parts.append(IndexPart(index, *affine))
+    return Shield(parts)
 
 
 def load_memory(node_id, memory):

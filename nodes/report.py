@@ -14,7 +14,8 @@ def describe(log, radius_note="") -> str:
         f"outputs moved by the final shield enforcement: {log.enforced}",
     ]
     if log.n_static:
-        lines.append("nearest static reference (RMS): " + ", ".join(f"{d:.3f}" for d in near))
+        lines.append("nearest static reference (RMS): " + ", ".join(f"{d:.3f}" if d != float("inf") else
+                                                                     "beyond 4r" for d in near))
     if log.batch > 1:
         lines.append("nearest other image of the batch (RMS): " + ", ".join(f"{d:.3f}" for d in log.nearest_batch))
     per_step = [f"σ={s.sigma:.3g}: {sum(a > 0 for a in s.active_pairs)}/{len(s.active_pairs)} pushed, "

@@ -19,36 +19,68 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RESIZE_MODES = ("center crop", "stretch")
 
 
+# Sets larger than this are searched through an exact index (spell_core.index) instead of brute force.
+INDEX_MIN_REFERENCES = 4096
+
+
 @dataclass
 class ReferenceSet:
-    """latents [N, C, h, w] in the VAE's space (as LATENT["samples"]); meta says where they came from."""
+    """latents [N, C, h, w] in the VAE's space (as LATENT["samples"]), or an index over such latents for sets
+    too large for RAM; meta says where they came from."""
 
-    latents: torch.Tensor
+    latents: torch.Tensor | None
     meta: dict = field(default_factory=dict)
+    index: object = None  # index.ReferenceIndex, built on demand for large sets or loaded from a folder
 
     def __post_init__(self):
+        if self.latents is None:
+            if self.index is None:
+                raise ValueError("a reference set needs latents or an index")
+            return
         if self.latents.ndim < 3:
             raise ValueError(f"reference latents must be [N, C, ...], got shape {tuple(self.latents.shape)}")
         check_finite(self.latents, "reference latents")
 
     def __len__(self) -> int:
-        return self.latents.shape[0]
+        return len(self.index) if self.latents is None else self.latents.shape[0]
 
     @property
     def item_shape(self) -> tuple:
-        return tuple(self.latents.shape[1:])
+        return tuple(self.index.item_shape) if self.latents is None else tuple(self.latents.shape[1:])
+
+    def search_index(self):
+        """The exact index for large sets (built once, kept on the set), None for small ones."""
+        if self.index is None and len(self) >= INDEX_MIN_REFERENCES:
+            from .index import ReferenceIndex
+
+            self.index = ReferenceIndex.build(self.latents)
+        return self.index
 
     def merged(self, other: "ReferenceSet") -> "ReferenceSet":
         if other.item_shape != self.item_shape:
             raise ValueError(f"cannot merge reference sets of item shapes {self.item_shape} and {other.item_shape}")
+        if self.latents is None or other.latents is None:
+            raise ValueError("an indexed set (a folder in models/spell_sets) cannot be combined with other sources; "
+                             "use it alone, or rebuild one index from all the latents")
         sources = self.meta.get("sources", []) + other.meta.get("sources", [])
         return ReferenceSet(torch.cat([self.latents, other.latents]), {**self.meta, "sources": sources})
 
     def save(self, path: str | os.PathLike) -> None:
+        if self.latents is None:
+            raise ValueError("an indexed set is already stored in its folder")
         save_latents(path, self.latents, {"kind": "protected_set", **self.meta})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReferenceSet":
+        """A set file (safetensors) or an index folder (holding index.safetensors and its shards)."""
+        path = Path(path)
+        if path.is_dir():
+            from .index import ReferenceIndex
+
+            index = ReferenceIndex.load(path)
+            if len(index) == 0:
+                raise StorageError(f"{path} holds an empty index")
+            return cls(None, {}, index)
         latents, meta = load_latents(path)
         if len(latents) == 0:
             raise StorageError(f"{path} holds an empty set")

@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .repellency import IN_BATCH_MODES, flat32, in_batch_mask, nearest, project_out, repellency
+from .repellency import IN_BATCH_MODES, flat32, in_batch_mask, nearest, repellency, repellency_weights, sparse_push
+from .shield import Shield
+
+# The report lists nearest static references up to this many radii away (a range search, not a k-NN).
+NEAREST_CAP = 4.0
 
 
 @dataclass(frozen=True)
@@ -66,32 +70,26 @@ class RunLog:
 class SpellRun:
     """Sparse repellency over one sampling run.
 
-    static [N, ...]: protected references and batch memory, already in model space (may be empty).
+    shield: the protected set and batch memory in model space (``shield.Shield``; may be empty).
     """
 
-    def __init__(self, config: SpellConfig, static: torch.Tensor | None, sample_shape: tuple):
+    def __init__(self, config: SpellConfig, shield: Shield | None, sample_shape: tuple):
         self.config = config
         self.sample_shape = tuple(sample_shape)
-        if static is None:
-            static = torch.zeros((0,) + self.sample_shape[1:])
-        if tuple(static.shape[1:]) != self.sample_shape[1:]:
-            raise ValueError(
-                f"references have shape {tuple(static.shape[1:])} per item, the sampler's latents "
-                f"{self.sample_shape[1:]}: they must match (same model family and generation size)"
-            )
-        self.static = static
-        self._static_on = {}
-        self.log = RunLog(batch=self.sample_shape[0], n_static=static.shape[0])
-
-    def static_on(self, like: torch.Tensor) -> torch.Tensor:
-        """The static references on like's device in float32, moved once per run."""
-        key = like.device
-        if key not in self._static_on:
-            self._static_on[key] = self.static.to(device=like.device, dtype=torch.float32)
-        return self._static_on[key]
+        self.shield = shield if shield is not None else Shield([])
+        self.log = RunLog(batch=self.sample_shape[0], n_static=len(self.shield))
 
     def active(self, sigma: float) -> bool:
         return self.config.sigma_end <= sigma <= self.config.sigma_start
+
+    def static_push(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """λ Σ_k relu(r/d − 1)(x̂0 − z_k) over the references found within r -> (Δ [B, D], active [B])."""
+        xf = flat32(x0)
+        i, k, d = self.shield.range_search(x0, self.config.r)
+        w = repellency_weights(d, self.config.r)
+        z = self.shield.get(k, x0.device)
+        delta = sparse_push(xf, z, i, torch.arange(len(k), device=x0.device), w) * self.config.lam
+        return delta, torch.bincount(i, minlength=x0.shape[0])
 
     def step(self, x0: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """x̂0 -> x̂0 + Δ for one model call (post-CFG); x0 is returned untouched outside the window."""
@@ -99,32 +97,30 @@ class SpellRun:
         if not self.active(s) or x0.shape[0] == 0:
             return x0
         cfg = self.config
-        delta, active = repellency(x0, self.static_on(x0), cfg.r, cfg.lam)
+        delta, active = self.static_push(x0)
         mask = in_batch_mask(x0.shape[0], cfg.in_batch, x0.device)
         if mask is not None:
             d_b, a_b = repellency(x0, x0, cfg.r, cfg.lam, mask)
-            delta, active = delta + d_b, active + a_b
+            delta, active = delta + flat32(d_b), active + a_b
         score = flat32(x0 - x_t).norm(dim=1).clamp_min(1e-12)
-        self.log.steps.append(StepRecord(s, active.tolist(), (flat32(delta).norm(dim=1) / score).tolist()))
+        self.log.steps.append(StepRecord(s, active.tolist(), (delta.norm(dim=1) / score).tolist()))
         if not bool(active.any()):
             return x0
-        return x0 + delta
+        return x0 + delta.reshape(x0.shape).to(x0.dtype)
 
     def finish(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final outputs [B, ...] (model space) -> (outputs, moved [B] bool): rows closer than r to a static
         reference are projected out of the shield if enforce is on; other rows are returned untouched."""
-        static = self.static_on(x)
         moved = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        if self.config.enforce and static.shape[0]:
-            moved = nearest(x, static).to(x.device) < self.config.r
-            if bool(moved.any()):
-                x = project_out(x, static, self.config.r, self.config.margin)
+        if self.config.enforce and len(self.shield):
+            x, moved = self.shield.project_out(x, self.config.r, self.config.margin)
         self.log.enforced = int(moved.sum())
-        self.log.nearest_static = nearest(x, static).tolist()
+        self.log.nearest_static = self.shield.nearest(x, NEAREST_CAP * self.config.r).tolist()
         b = x.shape[0]
         self.log.nearest_batch = nearest(x, x, ~torch.eye(b, dtype=torch.bool, device=x.device)).tolist()
         self.log.finished = True
         return x, moved
+
 
 class RunHistory:
     """The logs of the runs of one patched model, latest last (at most ``keep``).

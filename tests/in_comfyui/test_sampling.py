@@ -1,5 +1,7 @@
 """SpellRepellency inside ComfyUI's real sampler, on toy models built on ComfyUI's UNetModel:
 EPS and v-prediction (4 channels) and flow (16 channels, SD3 latent format)."""
+from pathlib import Path
+
 import comfy.samplers
 import pytest
 import torch
@@ -75,9 +77,11 @@ def test_noop_settings_are_bit_identical(comfy, toy_models, conds, kind):
     model = toy_models[kind]
     base = sample(comfy, model, conds, 3)
     refs = protected(comfy, base.clone())
-    for patched in (spell(comfy, model, 5.0, lam=0.0, in_batch="mutual", enforce=False, references=refs),
-                    spell(comfy, model, 5.0, in_batch="mutual", start=0.999, end=1.0, enforce=False, references=refs)):
-        assert torch.equal(sample(comfy, patched, conds, 3), base)
+    zero = spell(comfy, model, 5.0, lam=0.0, in_batch="mutual", enforce=False, references=refs)
+    assert torch.equal(sample(comfy, zero, conds, 3), base)
+    narrow = spell(comfy, model, 5.0, in_batch="mutual", start=0.5, end=0.5001, enforce=False, references=refs)
+    assert torch.equal(sample(comfy, narrow, conds, 3), base)
+    assert last_log(narrow).steps == []  # precondition: no model call fell inside the window
 
 
 @pytest.mark.parametrize("mode", ["mutual", "ordered"])
@@ -124,3 +128,26 @@ def test_partial_runs_are_left_alone(comfy, toy_models, conds):
     adv.sample(patched, "enable", 7, 6, 4.0, "euler", "normal", pos, neg, {"samples": torch.zeros(2, 4, 8, 8)},
                0, 3, "enable")
     assert len(mem) == 0 and last_log(patched).finished is False
+
+
+def test_large_protected_sets_go_through_the_exact_index(comfy, toy_models, conds):
+    """A set above INDEX_MIN_REFERENCES is searched through spell_core.index, in memory or from an index folder
+    in models/spell_sets; the shield holds as with brute force (flow model: SD3 latent format's scale and shift)."""
+    import folder_paths
+
+    from spell_core.index import ReferenceIndex
+
+    model = toy_models["flow"]
+    refs, r = shield_case(comfy, model, conds)
+    g = torch.Generator().manual_seed(5)
+    filler = refs.latents[:1] + 3.0 * torch.randn((4200,) + refs.latents.shape[1:], generator=g)
+    big = protected(comfy, torch.cat([refs.latents, filler]))
+    ReferenceIndex.build(big.latents).save(Path(folder_paths.get_folder_paths("spell_sets")[0]) / "big_index")
+    from_folder = comfy.NODE_CLASS_MAPPINGS["SpellProtectedSetLoader"]().load(
+        "(none)", "big_index/", 64, 64, "center crop")[0]
+    z = model_space(model, big.latents)
+    for refs_in in (big, from_folder):
+        patched = spell(comfy, model, r, references=refs_in)
+        out = sample(comfy, patched, conds, 4, sampler="dpmpp_2m")
+        assert refs_in.search_index() is not None and last_log(patched).n_static == len(big)
+        assert (nearest(model_space(model, out), z) >= r * (1 - FLOAT_MARGIN)).all()

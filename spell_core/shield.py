@@ -1,0 +1,138 @@
+"""The static references of one run (protected set and batch memory) behind one range-search interface, in
+the sampler's own space (SPELL, arXiv 2410.06025: the push needs every reference within r of x̂0).
+
+Small sets are tensors searched by brute force; large ones are ``index.ReferenceIndex`` objects over
+VAE-space latents, reached through the latent format's scalar affine map (model = scale · vae + shift, as
+for SD1.x, SDXL, SD3 and Flux), so a million references are never converted or held in RAM.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .repellency import escape_direction, flat32, ray_exit, rms_cdist
+
+Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class TensorPart:
+    """References [N, ...] already in model space, brute force."""
+
+    def __init__(self, z: torch.Tensor):
+        self.z = z.float()
+        self._on = {}
+
+    def __len__(self):
+        return self.z.shape[0]
+
+    def on(self, device):
+        if device not in self._on:
+            self._on[device] = flat32(self.z).to(device)
+        return self._on[device]
+
+    def range_search(self, x: torch.Tensor, r: float) -> Pairs:
+        d = rms_cdist(flat32(x), self.on(x.device))
+        i, k = torch.nonzero(d < r, as_tuple=True)
+        return i, k, d[i, k]
+
+    def get(self, k: torch.Tensor, device) -> torch.Tensor:
+        return self.on(device)[k.to(device)]
+
+
+class IndexPart:
+    """A ReferenceIndex over VAE-space latents, seen in model space through model = scale · vae + shift."""
+
+    def __init__(self, index, scale: float, shift: float):
+        if not scale > 0:
+            raise ValueError(f"latent format scale must be > 0, got {scale}")
+        self.index, self.scale, self.shift = index, float(scale), float(shift)
+
+    def __len__(self):
+        return len(self.index)
+
+    def range_search(self, x: torch.Tensor, r: float) -> Pairs:
+        i, k, d = self.index.range_search(((x.float() - self.shift) / self.scale).cpu(), r / self.scale)
+        return i.to(x.device), k.to(x.device), (d * self.scale).to(x.device)
+
+    def get(self, k: torch.Tensor, device) -> torch.Tensor:
+        return (flat32(self.index.get(k.cpu())) * self.scale + self.shift).to(device)
+
+
+class Shield:
+    """Union of reference parts; reference ids run over the parts in order."""
+
+    def __init__(self, parts: list):
+        self.parts = [p for p in parts if len(p)]
+        self.offsets = [0]
+        for p in self.parts:
+            self.offsets.append(self.offsets[-1] + len(p))
+
+    def __len__(self):
+        return self.offsets[-1]
+
+    def range_search(self, x: torch.Tensor, r: float) -> Pairs:
+        """Every (image i, reference k, RMS distance d) with d < r."""
+        found = [(i, k + off, d) for p, off in zip(self.parts, self.offsets) for i, k, d in [p.range_search(x, r)]]
+        if not found:
+            e = torch.zeros(0, dtype=torch.long, device=x.device)
+            return e, e, torch.zeros(0, device=x.device)
+        return tuple(torch.cat(t) for t in zip(*found))
+
+    def get(self, k: torch.Tensor, device) -> torch.Tensor:
+        """References k [P] -> [P, D] float32 in model space."""
+        out = torch.empty(len(k), 0, device=device)
+        for p, lo, hi in zip(self.parts, self.offsets, self.offsets[1:]):
+            sel = (k >= lo) & (k < hi)
+            if bool(sel.any()):
+                rows = p.get(k[sel] - lo, device)
+                if out.shape[1] == 0:
+                    out = torch.empty(len(k), rows.shape[1], device=device)
+                out[sel] = rows
+        return out
+
+    def nearest(self, x: torch.Tensor, cap: float) -> torch.Tensor:
+        """RMS distance to the nearest reference when below cap, else inf -> [B]."""
+        out = torch.full((x.shape[0],), math.inf, device=x.device)
+        if len(self):
+            i, _, d = self.range_search(x, cap)
+            out.scatter_reduce_(0, i, d, reduce="amin")
+        return out
+
+    def project_out(self, x: torch.Tensor, r: float, margin: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of x within r of a reference moved the shortest way along SPELL's escape direction to RMS
+        distance ≥ r·(1 + margin) from every reference; returns (x, moved [B]). Exact: the ray's exit is
+        re-checked with a range search, and references found there join the computation until none remain."""
+        i, k, _ = self.range_search(x, r)
+        moved = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        moved[i] = True
+        if not bool(moved.any()):
+            return x, moved
+        xf = x.reshape(x.shape[0], -1).double()
+        out = xf.clone()
+        R = r * (1 + margin) * math.sqrt(xf.shape[1])
+        for row in torch.nonzero(moved).flatten().tolist():
+            known = k[i == row]
+            z = self.get(known, x.device).double()
+            u = escape_direction(xf[row], z, r)
+            while True:
+                y = xf[row] + ray_exit(xf[row], u, z, R) * u
+                _, k_new, _ = self.range_search(y[None].to(x.dtype), r * (1 + margin))
+                k_new = k_new[~torch.isin(k_new, known)]
+                if len(k_new) == 0:
+                    break
+                known = torch.cat([known, k_new])
+                z = torch.cat([z, self.get(k_new, x.device).double()])
+            out[row] = y
+        return out.reshape(x.shape).to(x.dtype), moved
+
+
+def scalar_affine(fn, item_shape: tuple) -> tuple[float, float] | None:
+    """(scale, shift) when fn(v) == scale · v + shift elementwise with scalars (probed on 0 and 1), else None."""
+    zero = torch.zeros((1,) + tuple(item_shape))
+    p0 = fn(zero.clone()).float()
+    p1 = fn(zero + 1).float() - p0
+    scale, shift = float(p1.flatten()[0]), float(p0.flatten()[0])
+    if torch.allclose(p1, torch.full_like(p1, scale), rtol=1e-6, atol=0) and torch.allclose(p0, torch.full_like(p0, shift), rtol=1e-6, atol=1e-7):
+        return scale, shift
+    return None

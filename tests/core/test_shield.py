@@ -1,0 +1,56 @@
+"""The Shield: brute-force and indexed parts give the same pairs, and projection leaves every ball."""
+import pytest
+import torch
+
+from spell_core import nearest
+from spell_core.index import ReferenceIndex
+from spell_core.repellency import rms_cdist
+from spell_core.shield import IndexPart, Shield, TensorPart, scalar_affine
+
+
+def clustered(seed, n, shape=(4, 4, 4)):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn((8,) + shape, generator=g)
+    return centres[torch.randint(0, 8, (n,), generator=g)] + 0.2 * torch.randn((n,) + shape, generator=g)
+
+
+@pytest.mark.parametrize("scale, shift", [(1.0, 0.0), (0.18215, 0.0), (1.5305, -0.0609 * 1.5305)])
+def test_index_part_matches_brute_force_in_model_space(scale, shift):
+    vae = clustered(0, 600)
+    model = vae * scale + shift
+    x = model[:5] + 0.05 * scale * torch.randn(5, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    r = 0.3 * scale
+    brute = Shield([TensorPart(model)])
+    indexed = Shield([IndexPart(ReferenceIndex.build(vae), scale, shift)])
+    bi, bk, bd = brute.range_search(x, r)
+    ii, ik, idd = indexed.range_search(x, r)
+    assert sorted(zip(bi.tolist(), bk.tolist())) == sorted(zip(ii.tolist(), ik.tolist()))
+    assert len(bi) > 5
+    torch.testing.assert_close(indexed.get(ik, "cpu"), model.flatten(1)[ik], rtol=1e-5, atol=1e-6)
+
+
+def test_parts_are_concatenated_with_offsets():
+    a, b = clustered(1, 30), clustered(2, 40)
+    x = torch.cat([a[:2], b[:2]])
+    shield = Shield([TensorPart(a), IndexPart(ReferenceIndex.build(b), 1.0, 0.0)])
+    i, k, d = shield.range_search(x, 0.25)
+    full = torch.cat([a, b]).flatten(1)
+    dist = rms_cdist(x.flatten(1), full)
+    assert sorted(zip(i.tolist(), k.tolist())) == sorted(map(tuple, torch.nonzero(dist < 0.25).tolist()))
+    assert torch.equal(shield.get(k, "cpu"), full[k])
+
+
+def test_projection_with_an_index_leaves_every_ball():
+    vae = clustered(3, 800)
+    shield = Shield([IndexPart(ReferenceIndex.build(vae), 1.0, 0.0)])
+    x = vae[:6] + 0.01
+    y, moved = shield.project_out(x, 0.4)
+    assert moved.all()
+    assert (nearest(y, vae) >= 0.4).all()
+    assert (shield.nearest(y, 1.6) >= 0.4).all()
+
+
+def test_scalar_affine_detection():
+    assert scalar_affine(lambda v: v * 0.5 + 1, (2, 2)) == pytest.approx((0.5, 1.0))
+    per_channel = torch.tensor([1.0, 2.0]).view(1, 2, 1)
+    assert scalar_affine(lambda v: v * per_channel, (2, 3)) is None
