@@ -11,6 +11,8 @@ from spell_core import nearest
 from helpers import last_log, model_space, protected, sample, spell
 
 SAMPLERS = list(comfy.samplers.KSampler.SAMPLERS)
+# One sampler per family, for the model type that is not swept over every sampler (to keep the suite short).
+FAMILIES = ["euler_ancestral", "heun", "dpmpp_2m", "dpmpp_sde", "dpmpp_2m_sde", "lcm", "ddim", "uni_pc", "res_multistep"]
 # The shield is enforced with a relative margin of 1e-4 in model space; after the float32 round trip
 # through the latent format the outputs must still be at least r·(1 − 1e-6) from every reference.
 FLOAT_MARGIN = 1e-6
@@ -27,14 +29,16 @@ def shield_case(comfy, model, conds):
     return protected(comfy, refs), r
 
 
-@pytest.mark.parametrize("kind, lam", [("eps", 1.6), ("v_prediction", 1.6), ("flow", 1.6), ("flow", 1.0)])
-def test_every_sampler_keeps_outputs_out_of_the_shield(comfy, toy_models, conds, kind, lam):
-    """No final output inside the shield, for every sampler ComfyUI ships (including two-call samplers)."""
+@pytest.mark.parametrize("kind, lam, samplers", [("eps", 1.6, SAMPLERS), ("flow", 1.0, SAMPLERS),
+                                                 ("v_prediction", 1.6, FAMILIES)])
+def test_every_sampler_keeps_outputs_out_of_the_shield(comfy, toy_models, conds, kind, lam, samplers):
+    """No final output inside the shield, for every sampler ComfyUI ships (including two-call samplers), with
+    λ = 1 (parks images exactly on the border) on the 16-channel flow model."""
     model = toy_models[kind]
     refs, r = shield_case(comfy, model, conds)
     z = model_space(model, refs.latents)
     failures = []
-    for name in SAMPLERS:
+    for name in samplers:
         patched = spell(comfy, model, r, lam=lam, references=refs)
         out = sample(comfy, patched, conds, 4, sampler=name)
         d = nearest(model_space(model, out), z)
