@@ -23,21 +23,27 @@ def check_finite(x: torch.Tensor, what: str) -> None:
         raise StorageError(f"{what} holds {bad} NaN/Inf values")
 
 
-def save_latents(path: str | os.PathLike, latents: torch.Tensor, meta: dict | None = None) -> None:
-    """Writes {"latents": [N, ...]} with JSON metadata atomically (temp file in the folder, then rename)."""
+def atomic_save(tensors: dict, path: str | os.PathLike, metadata: dict) -> None:
+    """save_file into a temporary file of the same folder, fsync, then rename over path: a reader sees the old
+    file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = {"format": FORMAT, "meta": json.dumps(meta or {})}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, tmp, metadata=header)
+        save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_latents(path: str | os.PathLike, latents: torch.Tensor, meta: dict | None = None) -> None:
+    """Writes {"latents": [N, ...]} with JSON metadata atomically."""
+    header = {"format": FORMAT, "meta": json.dumps(meta or {})}
+    atomic_save({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, path, header)
 
 
 def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
