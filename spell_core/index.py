@@ -10,9 +10,13 @@ The paper uses approximate nearest neighbours; this module is exact (no false ne
    projection; slack covers float32 storage and scan error) gives a superset of the true neighbours.
 3. Candidates are checked with exact float32 distances on the full latents (``repellency.rms_cdist``).
 
-Backends for step 2: "torch" (brute force over all features, chunked, CPU or CUDA), "faiss" (faiss-cpu
-IndexFlatL2 range search over the features) and "clusters" (k-means cells on the features, pruned exactly
-with the triangle inequality, members sorted by distance to their centroid so each cell is cut to an annulus).
+Backends for step 2: "cascade" (default; ``SubspaceCells``: k-means cells whose centres lie in the top-256
+PCA subspace, so that distances to them are exact full-space distances; the triangle inequality in the full
+space cuts every cell to an annulus and drops most cells, then the 33-dim feature bound runs on the survivors
+only — cost grows with the number of cells and the rows near the query, not with N·33), "torch" (brute
+force over all features, chunked, CPU or CUDA), "faiss" (faiss-cpu IndexFlatL2 range search over the
+features) and "clusters" (k-means cells on the features, pruned exactly with the triangle inequality in
+feature space, members sorted by distance to their centroid so each cell is cut to an annulus).
 Full latents live in memory or in memory-mapped safetensors shards; files are safetensors, never pickles.
 """
 from __future__ import annotations
@@ -41,18 +45,27 @@ try:  # optional
 except ImportError:  # pragma: no cover - exercised only where faiss is absent
     faiss = None
 
-BACKENDS = ("auto", "torch", "faiss", "clusters")
+BACKENDS = ("auto", "torch", "faiss", "clusters", "cascade")
 PROJECTIONS = ("pca", "pool")
 INDEX_FORMAT = "spell-index/1"
 INDEX_FILE = "index.safetensors"
 MANIFEST = "manifest.json"
 # Relative slack on lower bounds, in units of the norms involved: float32 storage/scan error is ~1e-6 of them.
 SLACK = 1e-4
-# "auto" is the flat torch scan: fastest exact backend at every N measured (docs/index_benchmark.md);
-# "clusters" prunes exactly but its cell bounds were too loose on the benchmark latents to pay off.
-AUTO_BACKEND = "torch"
+# "auto" is the cascade: full-space annulus pruning of subspace-centred cells, then the PCA-32 bound, then
+# the exact recheck; it is the fastest exact backend from 100k on (docs/index_benchmark.md), and the flat
+# scans ("torch", "faiss") are linear in N. "clusters" prunes in the 33-dim feature space, where its cell
+# bounds were too loose on the benchmark latents to pay off.
+AUTO_BACKEND = "cascade"
 # References per k-means cell of the "clusters" backend (measured in docs/index_benchmark.md).
 CELL_SIZE = 32
+# "cascade": dimension m of the subspace holding the cell centres, references per k-means cell before
+# impure cells are split, and the split rule (cells with a radius above CASCADE_SPLIT × the median
+# reference-to-centre distance are re-clustered, up to CASCADE_ROUNDS times).
+CELL_DIM = 256
+CASCADE_CELL = 64
+CASCADE_SPLIT = 2.0
+CASCADE_ROUNDS = 3
 
 ProgressFn = Callable[[int, int], None]
 
@@ -81,7 +94,9 @@ def read_header(path: Path) -> tuple[dict, int]:
 
 
 class Shard:
-    """One safetensors file holding {"latents": float32 [n, ...]}, memory-mapped read-only."""
+    """One safetensors file holding {"latents": float32 [n, ...]}; rows are fetched with positioned reads
+    (``take``), so only the page cache holds them and the process' resident memory does not grow with the
+    rows touched (a memory map, ``rows``, is still available)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -99,6 +114,14 @@ class Shard:
                                f"{self.shape}, found {self.path.stat().st_size}")
         self.offset = start + begin
         self._mm = None
+        self._fd = None
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -112,6 +135,31 @@ class Shard:
             if hasattr(mmap, "MADV_RANDOM"):  # candidate rows are scattered: no readahead around them
                 self._mm._mmap.madvise(mmap.MADV_RANDOM)
         return self._mm
+
+    def take(self, local: np.ndarray) -> np.ndarray:
+        """Rows local [P] (sorted ascending for sequential access) -> [P, D] float32, one positioned read per
+        run of consecutive rows."""
+        d = math.prod(self.shape[1:])
+        rb = 4 * d
+        out = np.empty((len(local), d), np.float32)
+        if len(local) == 0:
+            return out
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        cut = np.flatnonzero(np.diff(local) != 1) + 1
+        starts, ends = np.concatenate([[0], cut]), np.concatenate([cut, [len(local)]])
+        buf = memoryview(out).cast("B")
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            at, want = self.offset + int(local[a]) * rb, (b - a) * rb
+            if hasattr(os, "preadv"):
+                got = os.preadv(self._fd, [buf[a * rb:b * rb]], at)
+            else:  # pragma: no cover - platforms without preadv
+                data = os.pread(self._fd, want, at)
+                got = len(data)
+                buf[a * rb:a * rb + got] = data
+            if got != want:
+                raise StorageError(f"shard {self.path} is truncated: short read at row {int(local[a])}")
+        return out
 
     def read(self, a: int, b: int) -> torch.Tensor:
         """Rows a..b as a float32 [b − a, D] tensor, read (not mapped: streaming leaves no resident pages)."""
@@ -171,8 +219,8 @@ class LatentStore:
         for s in np.unique(which):
             sel = np.nonzero(which == s)[0]
             local = kn[sel] - self.starts[s]
-            order = np.argsort(local)  # sorted reads from the map
-            out[torch.from_numpy(sel[order])] = torch.from_numpy(self.shards[s].rows[local[order]])
+            order = np.argsort(local, kind="stable")  # sorted, so consecutive rows are read in one call
+            out[torch.from_numpy(sel[order])] = torch.from_numpy(self.shards[s].take(local[order]))
         return out
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
@@ -358,6 +406,188 @@ def nearest_centroid(y: torch.Tensor, cent: torch.Tensor, chunk: int = 65536) ->
                       for a in range(0, y.shape[0], chunk)]) if y.shape[0] else torch.zeros(0, dtype=torch.long)
 
 
+def two_level_labels(y: torch.Tensor, cells: int, seed: int = 0) -> torch.Tensor:
+    """Two-level k-means labels [N] of y [N, d] (as in ClusterCells.fit): ~sqrt(cells) coarse cells, each split
+    in proportion to its size, so the build costs O(N·sqrt(cells)). Labels may skip ids (empty cells)."""
+    n = y.shape[0]
+    cells = max(1, min(cells, n))
+    coarse, a1 = kmeans(y, max(1, round(math.sqrt(cells))), seed)
+    by = torch.argsort(a1, stable=True)
+    sizes = torch.bincount(a1, minlength=len(coarse)).tolist()
+    labels = torch.empty(n, dtype=torch.long)
+    base, at = 0, 0
+    for c, size in enumerate(sizes):
+        rows = by[at:at + size]
+        at += size
+        if size == 0:
+            continue
+        cf, af = kmeans(y[rows], max(1, round(size * cells / n)), seed + c + 1)
+        labels[rows] = af + base
+        base += len(cf)
+    return labels
+
+
+class SubspaceCells:
+    """Exact cell pruning with full-space distances, for the "cascade" backend.
+
+    V [m, D] is an orthonormal basis (top-m PCA) and μ a centre. Every cell centre c = μ + Vᵀc_p lies in that
+    subspace, so for any latent x with p = V(x − μ) and ρ = ||(I − VᵀV)(x − μ)||, x − c splits into two
+    orthogonal parts and ||x − c||² = ||p − c_p||² + ρ² holds exactly (not a bound), for references and
+    queries alike. The triangle inequality in the full D-dim space, |‖q − c‖ − ‖z − c‖| ≤ ‖q − z‖, then
+    bounds the true distance with no projection loss. Cell rows are sorted by s = ‖z − c‖, so each cell is
+    cut to the annulus |s − ‖q − c‖| ≤ t by two binary searches, and cells with ‖q − c‖ − max s > t are
+    skipped. Which rows share a cell only affects how much is pruned, never exactness.
+    """
+
+    def __init__(self, mu: torch.Tensor, w: torch.Tensor, cp: torch.Tensor, off: torch.Tensor, s: torch.Tensor):
+        self.mu, self.w = mu.double(), w.double()
+        self.cp = cp.float().contiguous()  # [C, m] exactly the centres used for s at build time
+        self.c2 = self.cp.double().pow(2).sum(1)
+        self.c2max = float(self.c2.max()) if len(self.c2) else 0.0
+        self.off, self.s = off.long(), s.float()
+        sizes = self.off[1:] - self.off[:-1]
+        self.radius = torch.zeros(len(self.cp), dtype=torch.float64)
+        nz = sizes > 0
+        self.radius[nz] = self.s[self.off[1:][nz] - 1].double()
+        cell_of = torch.repeat_interleave(torch.arange(len(self.cp)), sizes)
+        # float64 keys cell + s / scale keep the global order, so one searchsorted cuts every annulus
+        self.scale = float(self.s.max()) * 2 + 1 if len(self.s) else 1.0
+        self.key = cell_of.double() + self.s.double() / self.scale
+        self.scanned = 0
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [n, D] -> (p [n, m] float64, ρ² [n] float64) in float64."""
+        xc = x.to("cpu", torch.float64) - self.mu
+        p = xc @ self.w.T
+        return p, ((xc * xc).sum(1) - (p * p).sum(1)).clamp_min(0)
+
+    @classmethod
+    def fit(cls, mu: torch.Tensor, w: torch.Tensor, p: torch.Tensor, rho2: torch.Tensor, cells: int, seed: int = 0,
+            split: float = CASCADE_SPLIT, rounds: int = CASCADE_ROUNDS):
+        """Cells from projections p = V(z − μ) [N, m] (float32) and residual ρ² [N] (float64) -> (cells, order
+        [N] of rows sorted by cell and s). k-means on p, then cells whose radius exceeds split × the median
+        s (k-means merges many small clusters into one wide cell) are re-clustered into cells of ~8 rows."""
+        n = p.shape[0]
+        labels = two_level_labels(p, cells, seed)
+        for rnd in range(rounds + 1):
+            _, labels = torch.unique(labels, return_inverse=True)
+            ncell = int(labels.max()) + 1
+            cp, s = cls._centres(p, rho2, labels, ncell)
+            if rnd == rounds or n < 16:
+                break
+            sizes = torch.bincount(labels, minlength=ncell)
+            rad = torch.zeros(ncell, dtype=torch.float64).scatter_reduce_(0, labels, s, "amax")
+            bad = torch.nonzero((rad > split * float(s.median())) & (sizes > 8)).flatten().tolist()
+            if not bad:
+                break
+            by = torch.argsort(labels, stable=True)
+            starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+            nxt = ncell
+            for c in bad:
+                rows = by[starts[c]:starts[c + 1]]
+                _, a = kmeans(p[rows], max(2, len(rows) // 8), seed + 7919 * (rnd + 1) + c)
+                labels[rows] = torch.where(a == 0, c, nxt + a - 1)
+                nxt += int(a.max())
+        order = torch.from_numpy(np.lexsort((s.numpy(), labels.numpy())))
+        off = torch.zeros(ncell + 1, dtype=torch.long)
+        off[1:] = torch.bincount(labels, minlength=ncell).cumsum(0)
+        return cls(mu, w, cp, off, s[order].float()), order
+
+    @staticmethod
+    def _centres(p, rho2, labels, ncell, chunk: int = 65536):
+        """Centres c_p (float32: the stored values define the centres) and s = ‖z − c‖ [N] float64."""
+        acc = torch.zeros(ncell, p.shape[1], dtype=torch.float64)
+        for a in range(0, len(p), chunk):
+            acc.index_add_(0, labels[a:a + chunk], p[a:a + chunk].double())
+        cp = (acc / torch.bincount(labels, minlength=ncell).clamp_min(1)[:, None].double()).float()
+        cpd = cp.double()
+        s = torch.empty(len(p), dtype=torch.float64)
+        for a in range(0, len(p), chunk):
+            s[a:a + chunk] = (p[a:a + chunk].double() - cpd[labels[a:a + chunk]]).pow(2).sum(1)
+        return cp, (s + rho2).sqrt()
+
+    def search(self, x: torch.Tensor, t: torch.Tensor, sig: torch.Tensor):
+        """Rows that the full-space annulus bound cannot rule out: (i, row position) for queries x [B, D],
+        radii t [B] and extra slack sig [B] (float64, L2 units)."""
+        pq, rq2 = self.project(x)
+        pq2 = (pq * pq).sum(1)
+        # expanded squared distances to all centres in one float32 matmul; its error is below
+        # 2e-5·(‖p‖² + ‖c_p‖²) for m ≤ 256 (dot products of m terms plus rounding p to float32): SLACK covers it
+        d2 = (pq.float() @ self.cp.T).double().mul_(-2).add_(self.c2[None]).add_((pq2 + rq2)[:, None])
+        e = (SLACK * (pq2 + rq2 + self.c2max))[:, None]
+        lo_c = (d2 - e).clamp_min_(0).sqrt_()
+        hi_c = d2.add_(e).sqrt_()
+        tt = (t + sig).double()[:, None]
+        qi, cell = torch.nonzero(lo_c - tt <= self.radius[None], as_tuple=True)
+        if len(qi) == 0:
+            self.scanned = 0
+            z = torch.zeros(0, dtype=torch.long)
+            return z, z
+        tq = tt[qi, 0]
+        lo_s = (lo_c[qi, cell] - tq).clamp_min(0)
+        hi_s = hi_c[qi, cell] + tq
+        base = cell.double()
+        eps = 1e-9  # key rounding: |cell + s/scale| < 2^20 keeps absolute key error far below this
+        lo = torch.searchsorted(self.key, base + lo_s / self.scale - eps)
+        hi = torch.searchsorted(self.key, torch.minimum(base + hi_s / self.scale + eps, base + 1 - eps / 2))
+        hi = torch.minimum(hi, self.off[cell + 1])
+        lo = torch.maximum(lo, self.off[cell])
+        n = (hi - lo).clamp_min(0)
+        total = int(n.sum())
+        self.scanned = total  # rows left by the annulus in the last search (for benchmarks)
+        if total == 0:
+            z = torch.zeros(0, dtype=torch.long)
+            return z, z
+        keep = n > 0
+        qi, lo, n = qi[keep], lo[keep], n[keep]
+        seg = torch.repeat_interleave(torch.arange(len(n)), n)
+        pos = torch.arange(total) - torch.repeat_interleave(n.cumsum(0) - n, n) + lo[seg]
+        return qi[seg], pos
+
+    def tensors(self) -> dict:
+        return {"cc_mu": self.mu.clone(), "cc_w": self.w.clone(), "cc_centres": self.cp, "cc_off": self.off, "cc_s": self.s}
+
+    @classmethod
+    def from_tensors(cls, t: dict) -> "SubspaceCells":
+        return cls(t["cc_mu"], t["cc_w"], t["cc_centres"], t["cc_off"], t["cc_s"])
+
+
+def project_store(store: "LatentStore", mu: torch.Tensor, basis: torch.Tensor, dim: int,
+                  progress: ProgressFn | None = None, check: bool = True):
+    """One streamed pass over the references with basis [M, D] (float64; its first dim rows are the feature
+    basis) -> (features y [N, dim + 1] float32, p [N, M] float32, ρ_M² [N] float64, max ‖z − μ‖)."""
+    n = len(store)
+    y = torch.empty(n, dim + 1)
+    p_all = torch.empty(n, basis.shape[0])
+    rho2 = torch.empty(n, dtype=torch.float64)
+    znorm = 0.0
+    for a, rows in store.chunks(8192):
+        if check and store.tensor is None:
+            check_finite(rows, f"reference rows {a}..{a + len(rows)}")
+        xc = rows.to(torch.float64) - mu
+        p = xc @ basis.T
+        n2 = (xc * xc).sum(1)
+        head = (p[:, :dim] * p[:, :dim]).sum(1)
+        b = a + len(rows)
+        y[a:b, :dim] = p[:, :dim].float()
+        y[a:b, dim] = (n2 - head).clamp_min(0).sqrt().float()  # = Features(mu, basis[:dim])(rows)
+        p_all[a:b] = p.float()
+        rho2[a:b] = (n2 - (p * p).sum(1)).clamp_min(0)
+        znorm = max(znorm, float(n2.max().sqrt()))
+        if progress is not None:
+            progress(b, n)
+    return y, p_all, rho2, znorm
+
+
+def cascade_basis(store: "LatentStore", fit_rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, orthonormal basis [M, D]) of the cascade's cell subspace, M = min(CELL_DIM, D, N − 1)."""
+    n, dmodel = len(store), store.dim
+    mc = max(1, min(CELL_DIM, dmodel, max(n - 1, 1)))
+    if n >= 2:
+        return pca_basis(store.sample(fit_rows, seed), mc, seed)
+    return torch.zeros(dmodel, dtype=torch.float64), torch.eye(mc, dmodel, dtype=torch.float64)
+
+
 # --------------------------------------------------------------------------------------------------
 # The index
 # --------------------------------------------------------------------------------------------------
@@ -381,11 +611,13 @@ class ReferenceIndex:
 
     def __init__(self, store: LatentStore, features: Features, y: torch.Tensor, znorm_max: float,
                  backend: str, cells: ClusterCells | None = None, order: torch.Tensor | None = None,
-                 device: str | torch.device = "cpu", meta: dict | None = None):
+                 device: str | torch.device = "cpu", meta: dict | None = None,
+                 subcells: SubspaceCells | None = None):
         self.store, self.features, self.znorm_max = store, features, float(znorm_max)
         self.cells, self.order, self.meta = cells, order, dict(meta or {})
+        self.subcells = subcells
         self.device = torch.device(device)
-        self.y = y  # [N, m + 1] float32, in cell order when cells is set
+        self.y = y  # [N, m + 1] float32, in cell order when cells or subcells is set
         self.backend = resolve_backend(backend, len(store))
         self._prepare()
 
@@ -399,7 +631,8 @@ class ReferenceIndex:
 
         projection "pca" keeps the top ``dim`` principal directions of ``fit_rows`` sampled rows;
         "pool" averages ``pool``×``pool`` blocks. ``cells`` (k-means cells for the "clusters" backend)
-        defaults to N / CELL_SIZE. ``progress(done, total)`` is called as rows are projected.
+        defaults to N / CELL_SIZE (N / CASCADE_CELL before splits for "cascade", whose cells live in the
+        top-CELL_DIM PCA subspace). ``progress(done, total)`` is called as rows are projected.
         """
         if projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
@@ -411,39 +644,61 @@ class ReferenceIndex:
         else:
             store = LatentStore.from_files(latents)
         n, dmodel = len(store), store.dim
+        backend = resolve_backend(backend, n)
+        cascade = backend == "cascade" and n > 0
+        sub = None  # (mu, basis [M, D]) of the cascade's cell subspace
         if projection == "pca":
             m = max(1, min(dim, dmodel, max(n - 1, 1)))
+            mc = max(m, min(CELL_DIM, dmodel, max(n - 1, 1))) if cascade else m
             if n >= 2:
-                mu, w = pca_basis(store.sample(fit_rows, seed), m, seed)
+                mu, basis = pca_basis(store.sample(fit_rows, seed), mc, seed)
             else:
-                mu, w = torch.zeros(dmodel, dtype=torch.float64), torch.eye(m, dmodel, dtype=torch.float64)
+                mu, basis = torch.zeros(dmodel, dtype=torch.float64), torch.eye(mc, dmodel, dtype=torch.float64)
+            w = basis[:m].contiguous()
+            if cascade:
+                sub = (mu, basis)
         else:
             w = pool_basis(store.item_shape, pool)
             mu = store.sample(fit_rows, seed).double().mean(0) if n else torch.zeros(dmodel, dtype=torch.float64)
         feats = Features(mu, w)
-        y = torch.empty(n, feats.dim)
-        znorm = 0.0
-        for a, rows in store.chunks(8192):
-            if store.tensor is None:
-                check_finite(rows, f"reference rows {a}..{a + len(rows)}")
-            yy, nn = feats(rows)
-            y[a:a + len(rows)] = yy.float()
-            znorm = max(znorm, float(nn.max()))
-            if progress is not None:
-                progress(a + len(rows), n)
-        backend = resolve_backend(backend, n)
-        cell_index, order = None, None
+        if sub is not None:  # one pass gives the features and the subspace coordinates
+            y, p, rho2, znorm = project_store(store, mu, sub[1], w.shape[0], progress)
+        else:
+            y = torch.empty(n, feats.dim)
+            znorm = 0.0
+            for a, rows in store.chunks(8192):
+                if store.tensor is None:
+                    check_finite(rows, f"reference rows {a}..{a + len(rows)}")
+                yy, nn = feats(rows)
+                y[a:a + len(rows)] = yy.float()
+                znorm = max(znorm, float(nn.max()))
+                if progress is not None:
+                    progress(a + len(rows), n)
+        cell_index, order, subcells = None, None, None
         if backend == "clusters" and n:
             cell_index, order = ClusterCells.fit(y, cells or max(1, n // CELL_SIZE), seed=seed)
             y = y[order].contiguous()
+        if cascade:
+            if sub is None:  # pooled features: the cells still need a PCA subspace (a second pass)
+                sub = cascade_basis(store, fit_rows, seed)
+                _, p, rho2, _ = project_store(store, sub[0], sub[1], 0, check=False)
+            subcells, order = SubspaceCells.fit(sub[0], sub[1], p, rho2, cells or max(1, n // CASCADE_CELL), seed)
+            del p, rho2
+            y = y[order].contiguous()
         meta = {"projection": projection, "dim": int(w.shape[0]), "pool": pool}
-        return cls(store, feats, y, znorm, backend, cell_index, order, device, meta)
+        return cls(store, feats, y, znorm, backend, cell_index, order, device, meta, subcells)
 
     def _prepare(self):
         self._faiss = None
         self._y2 = None
         if self.backend == "clusters" and self.cells is None and len(self):
             self.cells, self.order = ClusterCells.fit(self.y, max(1, len(self) // CELL_SIZE))
+            self.y = self.y[self.order].contiguous()
+        if self.backend == "cascade" and self.subcells is None and len(self):
+            mu, basis = cascade_basis(self.store, 2048, 0)
+            _, p, rho2, _ = project_store(self.store, mu, basis, 0, check=False)
+            self.subcells, self.order = SubspaceCells.fit(mu, basis, p, rho2, max(1, len(self) // CASCADE_CELL))
+            del p, rho2
             self.y = self.y[self.order].contiguous()
         if self.backend == "torch":
             self._yd = self.y.to(self.device)
@@ -455,7 +710,8 @@ class ReferenceIndex:
         self.ynorm_max = float(ynorm.max()) if len(ynorm) else 0.0
 
     def with_backend(self, backend: str, device: str | torch.device | None = None) -> "ReferenceIndex":
-        """The same references and features searched by another backend (recomputes cells if needed)."""
+        """The same references and features searched by another backend (recomputes cells if needed: for
+        "cascade" that is one more pass over all latents)."""
         y = self.y if self.order is None else self.y[torch.argsort(self.order)]
         return ReferenceIndex(self.store, self.features, y, self.znorm_max, backend, device=device or self.device,
                               meta=self.meta)
@@ -496,6 +752,12 @@ class ReferenceIndex:
             d2 = (self.y[k] - qf[i]).pow(2).sum(1)  # per-query radius (faiss takes one for the batch)
             keep = d2 <= (t[i] * t[i]).float()  # direct differences: t's slack suffices
             return i[keep], k[keep]
+        if self.backend == "cascade":
+            # full-space annulus around subspace-centred cells, then the feature bound on the survivors only
+            i, pos = self.subcells.search(xf, t, SLACK * (xn + self.znorm_max))
+            d2 = (self.y[pos] - qf[i]).pow(2).sum(1)  # direct differences: t's slack suffices
+            keep = d2 <= (t[i] * t[i]).float()
+            return i[keep], self.order[pos[keep]]
         i, pos = self.cells.search(self.y, qf, t.float())
         return i, self.order[pos]
 
@@ -549,6 +811,8 @@ class ReferenceIndex:
         tensors = {"mu": self.features.mu, "w": self.features.w, "y": self.y}
         if self.cells is not None:
             tensors.update(self.cells.tensors(), order=self.order)
+        if self.subcells is not None:
+            tensors.update(self.subcells.tensors(), order=self.order)
         meta = {"format": INDEX_FORMAT, "backend": self.backend, "item_shape": json.dumps(self.item_shape),
                 "shards": json.dumps(files), "rows": json.dumps(rows),
                 "znorm_max": repr(self.znorm_max), "meta": json.dumps(self.meta)}
@@ -557,7 +821,7 @@ class ReferenceIndex:
     @classmethod
     def load(cls, folder: str | os.PathLike, backend: str | None = None,
              device: str | torch.device = "cpu") -> "ReferenceIndex":
-        """Opens an index written by save; shards are memory-mapped, never read whole."""
+        """Opens an index written by save; shard rows are read on demand, never whole."""
         folder = Path(folder)
         path = folder / INDEX_FILE
         if not path.is_file():
@@ -576,15 +840,18 @@ class ReferenceIndex:
         if store.item_shape != item_shape or [len(s) for s in store.shards] != json.loads(meta["rows"]):
             raise StorageError(f"shards under {folder} do not match the index (rows or item shape changed)")
         saved = meta["backend"]
-        cells = order = None
+        cells = order = subcells = None
         if "centroids" in t:
             cells, order = ClusterCells(t["centroids"], t["cell_off"], t["cell_s"]), t["order"]
+        if "cc_centres" in t:
+            subcells, order = SubspaceCells.from_tensors(t), t["order"]
         y = t["y"]
-        backend = backend or saved
-        if cells is not None and backend != "clusters":
-            y, cells, order = y[torch.argsort(order)], None, None
+        backend = resolve_backend(backend or saved, len(store))
+        if order is not None and not ((backend == "clusters" and cells is not None)
+                                      or (backend == "cascade" and subcells is not None)):
+            y, cells, subcells, order = y[torch.argsort(order)], None, None, None
         return cls(store, Features(t["mu"], t["w"]), y, float(meta["znorm_max"]), backend, cells, order, device,
-                   json.loads(meta.get("meta", "{}")))
+                   json.loads(meta.get("meta", "{}")), subcells)
 
 
 def atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
