@@ -4,7 +4,8 @@
 
 Synthetic SD-shaped latents [4, 32, 32] with structure like real latents (see ``Synth``), written as
 float32 safetensors shards under --scratch (resumable), indexed, then queried with B = 8 per step by
-every backend, by brute force over the full latents, and by an approximate faiss IVF index. Misses are
+the default exact backend ("cascade"), the exact flat scans ("torch", "faiss"), brute force over the full
+latents, and an approximate faiss IVF index. Misses are
 counted against an exact brute force over all N. Each size runs its build and its queries in fresh
 subprocesses so resident memory is the index's own. Results go to a table on stdout and --out.
 """
@@ -135,13 +136,19 @@ def brute_force(index: ReferenceIndex, x: torch.Tensor, r: float, chunk: int = 3
     return pairs
 
 
+CPU_MS: list = []  # thread CPU seconds per step of the last timed_steps call
+
+
 def timed_steps(fn, x: torch.Tensor) -> tuple[list[float], set]:
-    """Runs fn on consecutive batches of B queries -> (seconds per step, set of (query, k), candidates)."""
+    """Runs fn on consecutive batches of B queries -> (wall seconds per step, set of (query, k)); the calling
+    thread's CPU seconds per step go to CPU_MS (all the work with --threads 1: immune to other jobs' load)."""
     times, pairs = [], set()
+    CPU_MS.clear()
     for a in range(0, len(x), B):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         i, k = fn(x[a:a + B])
         times.append(time.perf_counter() - t)
+        CPU_MS.append(time.thread_time() - c)
         pairs |= {(ii + a, kk) for ii, kk in zip(i.tolist(), k.tolist())}
     return times, pairs
 
@@ -177,6 +184,11 @@ def faiss_ivf(index: ReferenceIndex, nprobe: int):
     return search, build, nlist
 
 
+def loadavg() -> str:
+    """1-minute load average (the machine is shared: other jobs' CPU use shows up here)."""
+    return open("/proc/loadavg").read().split()[0]
+
+
 def ms(v) -> str:
     return f"{1000 * float(np.mean(v)):.1f}"
 
@@ -184,13 +196,14 @@ def ms(v) -> str:
 def worker_build(args) -> dict:
     files = json.loads(Path(args.data, "manifest.json").read_text())["shards"]
     t = time.perf_counter()
-    index = ReferenceIndex.build([Path(args.data) / f for f in files], backend="clusters", dim=args.dim)
+    index = ReferenceIndex.build([Path(args.data) / f for f in files], backend="cascade", dim=args.dim)
     build = time.perf_counter() - t
     index.save(args.data)
-    return {"build_s": build, "peak_rss_mb": rss()["VmHWM"], "cells": len(index.cells.centroids)}
+    return {"build_s": build, "peak_rss_mb": rss()["VmHWM"], "cells": len(index.subcells.cp)}
 
 
 def worker_query(args) -> dict:
+    torch.set_num_threads(getattr(args, "threads", 1) or 1)
     torch.manual_seed(0)
     t = time.perf_counter()
     index = ReferenceIndex.load(args.data)
@@ -198,43 +211,50 @@ def worker_query(args) -> dict:
     n, r = len(index), args.r
     synth = Synth(n, seed=args.seed)
     sets = {"random": synth.queries(args.queries, seed=args.seed + 1), "planted": planted(index, args.planted, r, args.seed + 2)}
-    res = {"n": n, "r": r, "load_s": load, "rss_base": rss()}
+    res = {"n": n, "r": r, "load_s": load, "rss_base": rss(), "load_before": loadavg(),
+           "threads": torch.get_num_threads()}
     exact = lambda idx: (lambda xb: idx.range_search(xb, r)[:2])
     found = {}
     for name, x in sets.items():  # the default exact index first, so its memory is measured alone
         times, pairs = timed_steps(exact(index), x)
-        cand = sum(len(index.candidates(x[a:a + B].reshape(-1, int(np.prod(SHAPE))), r)[0]) for a in range(0, len(x), B))
-        res[f"clusters_{name}"] = {"ms": ms(times), "p95": f"{1000 * np.quantile(times, 0.95):.1f}",
-                                   "cand_per_step": cand / len(times), "pairs": len(pairs),
-                                   "hit_frac": len({i for i, _ in pairs}) / len(x)}
-        found[("clusters", name)] = pairs
-    res["rss_clusters"] = rss()
+        cand = annulus = 0
+        for a in range(0, len(x), B):
+            cand += len(index.candidates(x[a:a + B].reshape(-1, int(np.prod(SHAPE))), r)[0])
+            annulus += index.subcells.scanned
+        res[f"cascade_{name}"] = {"ms": ms(times), "p95": f"{1000 * np.quantile(times, 0.95):.1f}",
+                                  "median": f"{1000 * np.median(times):.1f}", "cpu_ms": ms(CPU_MS),
+                                  "cand_per_step": cand / len(times), "annulus_per_step": annulus / len(times),
+                                  "pairs": len(pairs), "hit_frac": len({i for i, _ in pairs}) / len(x)}
+        found[("cascade", name)] = pairs
+    res["rss_cascade"] = rss()
     for be in ("torch", "faiss"):
         other = index.with_backend(be)
         for name, x in sets.items():
             times, pairs = timed_steps(exact(other), x)
-            res[f"{be}_{name}"] = {"ms": ms(times)}
+            res[f"{be}_{name}"] = {"ms": ms(times), "cpu_ms": ms(CPU_MS)}
             found[(be, name)] = pairs
         del other
     search, ivf_build, nlist = faiss_ivf(index, args.nprobe)
     res["ivf_build_s"], res["ivf_nlist"] = ivf_build, nlist
     for name, x in sets.items():
         times, pairs = timed_steps(lambda xb: search(xb, r), x)
-        res[f"ivf_{name}"] = {"ms": ms(times)}
+        res[f"ivf_{name}"] = {"ms": ms(times), "cpu_ms": ms(CPU_MS)}
         found[("ivf", name)] = pairs
     # brute force: per-step time on a few steps, and the exact truth for every query in one pass
     for name, x in sets.items():
         steps = args.brute_steps
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         for a in range(0, steps * B, B):
             brute_force(index, x[a:a + B], r)
-        res[f"brute_{name}"] = {"ms": f"{1000 * (time.perf_counter() - t) / steps:.1f}"}
+        res[f"brute_{name}"] = {"ms": f"{1000 * (time.perf_counter() - t) / steps:.1f}",
+                                "cpu_ms": f"{1000 * (time.thread_time() - c) / steps:.1f}"}
         truth = brute_force(index, x, r)
         res[f"truth_{name}"] = len(truth)
-        for be in ("clusters", "torch", "faiss", "ivf"):
+        for be in ("cascade", "torch", "faiss", "ivf"):
             got = found[(be, name)]
             res[f"{be}_{name}"]["misses"] = len(truth - got)
             res[f"{be}_{name}"]["false_pos"] = len(got - truth)
+    res["load_after"] = loadavg()
     return res
 
 
@@ -245,18 +265,33 @@ def run(cmd: list[str]) -> dict:
 
 
 def table(rows: list[dict], r: float) -> str:
-    head = ("| N | build s | RSS MB (anon+file) | queries | exact clusters ms/step (p95) | candidates/step | "
-            "exact torch flat ms | exact faiss flat ms | brute force ms | faiss IVF approx ms | misses clusters / torch / faiss | "
+    def wc(res, key):  # "wall / CPU" ms
+        v = res[key]
+        return f"{v['ms']} / {v['cpu_ms']}" if "cpu_ms" in v else v["ms"]
+
+    def ratio(res, key, name):
+        v, c = res[key], res[f"cascade_{name}"]
+        k = "cpu_ms" if "cpu_ms" in v and "cpu_ms" in c else "ms"
+        return float(v[k]) / float(c[k])
+
+    head = ("| N | build s | RSS MB (anon+file) | load avg before/after | queries | exact cascade ms/step wall: mean "
+            "(median, p95) | cascade CPU ms/step | annulus rows / candidates per step | exact torch flat ms wall / CPU | "
+            "exact faiss flat ms wall / CPU | brute force ms wall / CPU | faiss IVF approx ms wall / CPU | "
+            "cascade speed-up (CPU) vs brute / torch flat / IVF | misses cascade / torch / faiss | "
             "IVF misses (of true pairs) | queries with neighbours |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for res in rows:
         for name in ("random", "planted"):
-            c = res[f"clusters_{name}"]
-            mem = res["rss_clusters"]
+            c = res[f"cascade_{name}"]
+            mem = res["rss_cascade"]
             lines.append(
-                f"| {res['n']:,} | {res['build_s']:.0f} | {mem['RssAnon']:.0f}+{mem['RssFile']:.0f} | {name} | "
-                f"{c['ms']} ({c['p95']}) | {c['cand_per_step']:.0f} | {res[f'torch_{name}']['ms']} | "
-                f"{res[f'faiss_{name}']['ms']} | {res[f'brute_{name}']['ms']} | {res[f'ivf_{name}']['ms']} | "
+                f"| {res['n']:,} | {res['build_s']:.0f} | {mem['RssAnon']:.0f}+{mem['RssFile']:.0f} | "
+                f"{res.get('load_before', '?')} / {res.get('load_after', '?')} | {name} | "
+                f"{c['ms']} ({c['median']}, {c['p95']}) | {c.get('cpu_ms', '?')} | "
+                f"{c['annulus_per_step']:.0f} / {c['cand_per_step']:.0f} | "
+                f"{wc(res, f'torch_{name}')} | {wc(res, f'faiss_{name}')} | {wc(res, f'brute_{name}')} | "
+                f"{wc(res, f'ivf_{name}')} | {ratio(res, f'brute_{name}', name):.0f}× / "
+                f"{ratio(res, f'torch_{name}', name):.1f}× / {ratio(res, f'ivf_{name}', name):.1f}× | "
                 f"{c['misses']} / {res[f'torch_{name}']['misses']} / {res[f'faiss_{name}']['misses']} | "
                 f"{res[f'ivf_{name}']['misses']} of {res[f'truth_{name}']} | {100 * c['hit_frac']:.1f} % |")
     return "\n".join(lines)
@@ -273,7 +308,12 @@ def main(argv=None) -> int:
     ap.add_argument("--nprobe", type=int, default=8, help="lists probed by the approximate IVF baseline")
     ap.add_argument("--brute-steps", type=int, default=1, help="steps timed for brute force")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--r", type=float, default=None, help="radius (default: calibrated, ~3 % of queries hit)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the query worker (1: on a shared machine more threads spin at barriers)")
+    ap.add_argument("--reuse-builds", action="store_true",
+                    help="reuse an index already saved under --scratch (build numbers from the --out json)")
+    ap.add_argument("--merge", action="store_true", help="keep rows of other sizes from the existing --out json")
+    ap.add_argument("--r", type=float, default=None, help="radius (default: calibrated, ~3 %% of queries hit)")
     ap.add_argument("--worker", choices=["build", "query"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -284,7 +324,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     r = args.r or calibrate_r()
     print(f"r = {r:.4f} (RMS)", file=sys.stderr)
-    rows = []
+    rows, prior = [], {}
+    jpath = Path(args.out).with_suffix(".json")
+    if (args.merge or args.reuse_builds) and jpath.is_file():
+        prior = {row["n"]: row for row in json.loads(jpath.read_text())["rows"]}
     for n in args.sizes:
         data = Path(args.scratch) / f"n{n}"
         synth = Synth(n, seed=args.seed)
@@ -292,15 +335,21 @@ def main(argv=None) -> int:
         build_shards(synth.source(16384), data, shard_size=16384, total=n, bar=True)
         gen = time.perf_counter() - t
         common = ["--data", str(data), "--dim", str(args.dim), "--seed", str(args.seed)]
-        print(f"[N={n:,}] building index", file=sys.stderr)
-        b = run(["--worker", "build", *common])
+        if args.reuse_builds and n in prior and (data / "index.safetensors").is_file():
+            b = {k: prior[n][k] for k in ("build_s", "peak_rss_mb", "cells")}
+        else:
+            print(f"[N={n:,}] building index", file=sys.stderr)
+            b = run(["--worker", "build", *common])
         print(f"[N={n:,}] built in {b['build_s']:.1f} s; querying", file=sys.stderr)
         q = run(["--worker", "query", *common, "--r", str(r), "--queries", str(args.queries), "--planted",
-                 str(args.planted), "--nprobe", str(args.nprobe), "--brute-steps", str(args.brute_steps)])
+                 str(args.planted), "--nprobe", str(args.nprobe), "--brute-steps", str(args.brute_steps),
+                 "--threads", str(args.threads)])
         rows.append({**b, **q, "gen_s": gen})
         print(json.dumps(rows[-1]), file=sys.stderr)
         print(table(rows, r))
     cmd = "python -m benchmarks.index_bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.merge:
+        rows = sorted([row for n, row in prior.items() if n not in args.sizes] + rows, key=lambda row: row["n"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).with_suffix(".json").write_text(json.dumps({"r": r, "rows": rows}, indent=1))
     Path(args.out).write_text(report(rows, r, cmd, args))
@@ -319,17 +368,25 @@ Made by `{cmd}` on {platform.processor() or platform.machine()}, {os.cpu_count()
 Data: synthetic SD-shaped latents {SHAPE} (see `benchmarks/index_bench.py: Synth`): N / 100 clusters with
 lognormal sizes; a member is a bilinearly upsampled 8×8 field (cluster centre plus per-cluster spread) plus an
 upsampled 16×16 detail field plus 0.08 white noise, so most energy is spatially smooth as in VAE latents. Stored
-as float32 safetensors shards, memory-mapped. Queries per step: B = {B}. r = {r:.4f} (RMS), calibrated so about
+as float32 safetensors shards, read with positioned reads. Queries per step: B = {B}. r = {r:.4f} (RMS), calibrated so about
 3 % of fresh queries from the same distribution have a neighbour; "planted" queries are a reference plus a
 perturbation of RMS 0.3 r to 0.95 r, so every one of them is inside the shield.
 
-Index: PCA features of dimension {args.dim} plus the residual norm (a 1-Lipschitz map), k-means cells of 256
-references on them, exact pruning by the triangle inequality, exact float32 recheck of candidates.
+Index (`backend="cascade"`, the default): k-means cells whose centres lie in the top-256 PCA subspace, so
+distances to them are exact full-space distances; the triangle inequality cuts each cell to an annulus
+(stage 1), the PCA-{args.dim} feature bound (33 floats a row) and the 256-dim PCA bound plus residual norm on
+float16 coordinates prune its survivors (stage 2), then an exact float32 recheck of the candidates read from the
+shards. Cells: two-level k-means (N / 64 cells) on the 256-dim coordinates, cells wider than 2× the median
+reference-to-centre distance re-clustered into ~8-row cells (3 rounds).
 Misses are counted against an exact brute force over all N full latents (float32 matmul with a margin 10× the
 worst-case float error, every pair under the margin recomputed with `rms_cdist`). "faiss IVF approx" is
-IndexIVFFlat on the same features with nprobe = {args.nprobe}, the kind of approximate search the paper used.
-Build time is for the features and cells from the shards (shard writing not included); RSS is the query
-process after the exact searches (anonymous + file-backed pages of mapped shards).
+IndexIVFFlat on the PCA-{args.dim} features with nprobe = {args.nprobe}, the kind of approximate search the paper used.
+Every method runs in the same query process with torch threads = {rows[-1].get("threads", "?") if rows else "?"};
+"wall" is elapsed time per step of B = {B} (it includes waiting for the CPU while other jobs run), "CPU" is the
+query thread's CPU time per step (`time.thread_time`), the cost of the method itself. Build time is for the
+features and cells from the shards (shard writing not included); RSS is the query process after the exact
+cascade searches (anonymous + file-backed; shard rows are read with `pread`, so they stay in the page cache,
+not in the process). The load average (`/proc/loadavg`, 2 cores) is sampled before and after each query run.
 
 {table(rows, r)}
 """

@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .repellency import flat32, rms_cdist
-from .storage import StorageError, check_finite, save_latents
+from .storage import StorageError, atomic_save, check_finite, save_latents
 
 try:  # optional
     import faiss
@@ -53,8 +53,8 @@ MANIFEST = "manifest.json"
 # Relative slack on lower bounds, in units of the norms involved: float32 storage/scan error is ~1e-6 of them.
 SLACK = 1e-4
 # "auto" is the cascade: full-space annulus pruning of subspace-centred cells, then the PCA-32 bound, then
-# the exact recheck; it is the fastest exact backend from 100k on (docs/index_benchmark.md), and the flat
-# scans ("torch", "faiss") are linear in N. "clusters" prunes in the 33-dim feature space, where its cell
+# the exact recheck. Measured (docs/index_benchmark.md, CPU time, 1 thread): 2.4–4.8× less than the flat
+# scans ("torch", "faiss") at 10k–100k, on par with the torch flat scan at 1.2M. "clusters" prunes in the 33-dim feature space, where its cell
 # bounds were too loose on the benchmark latents to pay off.
 AUTO_BACKEND = "cascade"
 # References per k-means cell of the "clusters" backend (measured in docs/index_benchmark.md).
@@ -136,12 +136,12 @@ class Shard:
                 self._mm._mmap.madvise(mmap.MADV_RANDOM)
         return self._mm
 
-    def take(self, local: np.ndarray) -> np.ndarray:
-        """Rows local [P] (sorted ascending for sequential access) -> [P, D] float32, one positioned read per
-        run of consecutive rows."""
+    def take(self, local: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows local [P] (sorted ascending for sequential access) -> [P, D] float32 (into out, a C-contiguous
+        [P, D] float32 array, if given), one positioned read per run of consecutive rows."""
         d = math.prod(self.shape[1:])
         rb = 4 * d
-        out = np.empty((len(local), d), np.float32)
+        out = np.empty((len(local), d), np.float32) if out is None else out
         if len(local) == 0:
             return out
         if self._fd is None:
@@ -215,6 +215,8 @@ class LatentStore:
         if len(k) == 0:
             return out
         kn = k.numpy()
+        if len(kn) < 2 or bool((kn[1:] >= kn[:-1]).all()):  # sorted: read straight into the output
+            return self.get_sorted(kn, out)
         which = np.searchsorted(self.starts, kn, side="right") - 1
         for s in np.unique(which):
             sel = np.nonzero(which == s)[0]
@@ -222,6 +224,16 @@ class LatentStore:
             order = np.argsort(local, kind="stable")  # sorted, so consecutive rows are read in one call
             out[torch.from_numpy(sel[order])] = torch.from_numpy(self.shards[s].take(local[order]))
         return out
+
+    def get_sorted(self, kn: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+        """Rows kn [P] (ascending) of the shards read into out [≥ P, D] float32 (contiguous) -> out[:P]."""
+        o = out.numpy()
+        bounds = np.searchsorted(kn, self.starts)
+        for s, shard in enumerate(self.shards):
+            a, b = int(bounds[s]), int(bounds[s + 1])
+            if b > a:
+                shard.take(kn[a:b] - self.starts[s], o[a:b])
+        return out[:len(kn)]
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
         """n rows spread over the set (for fitting the projection)."""
@@ -439,8 +451,13 @@ class SubspaceCells:
     skipped. Which rows share a cell only affects how much is pruned, never exactness.
     """
 
-    def __init__(self, mu: torch.Tensor, w: torch.Tensor, cp: torch.Tensor, off: torch.Tensor, s: torch.Tensor):
+    def __init__(self, mu: torch.Tensor, w: torch.Tensor, cp: torch.Tensor, off: torch.Tensor, s: torch.Tensor,
+                 p: torch.Tensor | None = None, rho: torch.Tensor | None = None):
         self.mu, self.w = mu.double(), w.double()
+        # stage 2: every reference's subspace coordinates p [N, m] (float16 where they fit, else float32) and
+        # residual norm ρ [N] float32, in cell order: ‖p_q − p_z‖² + (ρ_q − ρ_z)² ≤ ‖q − z‖² is a lower bound
+        # with m = CELL_DIM dimensions, much tighter than the 32 of the features
+        self.p, self.rho = p, rho
         self.cp = cp.float().contiguous()  # [C, m] exactly the centres used for s at build time
         self.c2 = self.cp.double().pow(2).sum(1)
         self.c2max = float(self.c2.max()) if len(self.c2) else 0.0
@@ -454,6 +471,12 @@ class SubspaceCells:
         self.scale = float(self.s.max()) * 2 + 1 if len(self.s) else 1.0
         self.key = cell_of.double() + self.s.double() / self.scale
         self.scanned = 0
+        # ‖p_z‖ ≤ ‖z − μ‖ ≤ this, for the float16 rounding slack of stage 2
+        self.znorm_max = 0.0
+        if self.p is not None:
+            for a in range(0, len(self.p), 65536):
+                pn = float(self.p[a:a + 65536].float().pow(2).sum(1).max().sqrt())
+                self.znorm_max = max(self.znorm_max, pn * (1 + 1e-3))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, D] -> (p [n, m] float64, ρ² [n] float64) in float64."""
@@ -491,7 +514,11 @@ class SubspaceCells:
         order = torch.from_numpy(np.lexsort((s.numpy(), labels.numpy())))
         off = torch.zeros(ncell + 1, dtype=torch.long)
         off[1:] = torch.bincount(labels, minlength=ncell).cumsum(0)
-        return cls(mu, w, cp, off, s[order].float()), order
+        half = n == 0 or float(p.abs().max()) < 6e4  # float16 keeps 11 bits; beyond 65504 it overflows
+        ps = torch.empty(n, p.shape[1], dtype=torch.float16 if half else torch.float32)
+        for a in range(0, n, 65536):
+            ps[a:a + 65536] = p[order[a:a + 65536]]
+        return cls(mu, w, cp, off, s[order].float(), ps, rho2[order].sqrt().float()), order
 
     @staticmethod
     def _centres(p, rho2, labels, ncell, chunk: int = 65536):
@@ -507,8 +534,28 @@ class SubspaceCells:
         return cp, (s + rho2).sqrt()
 
     def search(self, x: torch.Tensor, t: torch.Tensor, sig: torch.Tensor):
-        """Rows that the full-space annulus bound cannot rule out: (i, row position) for queries x [B, D],
-        radii t [B] and extra slack sig [B] (float64, L2 units)."""
+        """Rows that neither the full-space annulus bound nor the stage-2 subspace bound can rule out:
+        (i, row position) for queries x [B, D], radii t [B] and extra slack sig [B] (float64, L2 units)."""
+        i, pos, pq, rq2 = self.annulus(x, t, sig)
+        return self.stage2(i, pos, pq, rq2, t, sig)
+
+    def stage2(self, i, pos, pq, rq2, t, sig):
+        """Stage 2 on (i, pos) pairs: the CELL_DIM-dim subspace bound -> the pairs it cannot rule out."""
+        if len(i) == 0 or self.p is None:
+            return i, pos
+        # stage 2 on the annulus survivors only; float16 rounding moves p_z by ≤ 2^-11·‖p_z‖ (+ 2^-24·sqrt(m)
+        # for subnormals) and ‖p_z‖ ≤ ‖z − μ‖, so the radius grows by that much (sig covers float32 error)
+        tt = t + sig
+        if self.p.dtype == torch.float16:
+            tt = tt + 2.0 ** -11 * self.znorm_max + 2.0 ** -24 * math.sqrt(self.p.shape[1])
+        pi = pq.float()[i]
+        pi.sub_(self.p[pos].float())
+        d2 = pi.mul_(pi).sum(1).double() + (rq2.sqrt()[i] - self.rho[pos].double()) ** 2
+        keep = d2 <= tt[i] ** 2
+        return i[keep], pos[keep]
+
+    def annulus(self, x: torch.Tensor, t: torch.Tensor, sig: torch.Tensor):
+        """Stage 1: rows inside the full-space annulus of a live cell -> (i, row position, p_q, ρ_q²)."""
         pq, rq2 = self.project(x)
         pq2 = (pq * pq).sum(1)
         # expanded squared distances to all centres in one float32 matmul; its error is below
@@ -522,7 +569,7 @@ class SubspaceCells:
         if len(qi) == 0:
             self.scanned = 0
             z = torch.zeros(0, dtype=torch.long)
-            return z, z
+            return z, z, pq, rq2
         tq = tt[qi, 0]
         lo_s = (lo_c[qi, cell] - tq).clamp_min(0)
         hi_s = hi_c[qi, cell] + tq
@@ -537,19 +584,23 @@ class SubspaceCells:
         self.scanned = total  # rows left by the annulus in the last search (for benchmarks)
         if total == 0:
             z = torch.zeros(0, dtype=torch.long)
-            return z, z
+            return z, z, pq, rq2
         keep = n > 0
         qi, lo, n = qi[keep], lo[keep], n[keep]
         seg = torch.repeat_interleave(torch.arange(len(n)), n)
         pos = torch.arange(total) - torch.repeat_interleave(n.cumsum(0) - n, n) + lo[seg]
-        return qi[seg], pos
+        return qi[seg], pos, pq, rq2
 
     def tensors(self) -> dict:
-        return {"cc_mu": self.mu.clone(), "cc_w": self.w.clone(), "cc_centres": self.cp, "cc_off": self.off, "cc_s": self.s}
+        out = {"cc_mu": self.mu.clone(), "cc_w": self.w.clone(), "cc_centres": self.cp, "cc_off": self.off,
+               "cc_s": self.s}
+        if self.p is not None:
+            out.update(cc_p=self.p, cc_rho=self.rho)
+        return out
 
     @classmethod
     def from_tensors(cls, t: dict) -> "SubspaceCells":
-        return cls(t["cc_mu"], t["cc_w"], t["cc_centres"], t["cc_off"], t["cc_s"])
+        return cls(t["cc_mu"], t["cc_w"], t["cc_centres"], t["cc_off"], t["cc_s"], t.get("cc_p"), t.get("cc_rho"))
 
 
 def project_store(store: "LatentStore", mu: torch.Tensor, basis: torch.Tensor, dim: int,
@@ -753,11 +804,14 @@ class ReferenceIndex:
             keep = d2 <= (t[i] * t[i]).float()  # direct differences: t's slack suffices
             return i[keep], k[keep]
         if self.backend == "cascade":
-            # full-space annulus around subspace-centred cells, then the feature bound on the survivors only
-            i, pos = self.subcells.search(xf, t, SLACK * (xn + self.znorm_max))
-            d2 = (self.y[pos] - qf[i]).pow(2).sum(1)  # direct differences: t's slack suffices
+            # full-space annulus around subspace-centred cells, then the cheap 33-dim feature bound on its
+            # survivors (33 floats a row), then the 256-dim subspace bound on what is left
+            sig = SLACK * (xn + self.znorm_max)
+            i, pos, pq, rq2 = self.subcells.annulus(xf, t, sig)
+            d2 = self.y[pos].sub_(qf[i]).pow_(2).sum(1)  # direct differences: t's slack suffices
             keep = d2 <= (t[i] * t[i]).float()
-            return i[keep], self.order[pos[keep]]
+            i, pos = self.subcells.stage2(i[keep], pos[keep], pq, rq2, t, sig)
+            return i, self.order[pos]
         i, pos = self.cells.search(self.y, qf, t.float())
         return i, self.order[pos]
 
@@ -778,6 +832,21 @@ class ReferenceIndex:
         ci, ck = self.candidates(xf, r)
         if len(ci) == 0:
             return empty
+        if len(ci) <= chunk:  # common case: sort pairs by (i, k), read each candidate once in row order
+            o = torch.argsort(ci * len(self) + ck)
+            ci, ck = ci[o], ck[o]
+            uk, inv = torch.unique(ck, return_inverse=True)
+            z = self._read(uk)
+            bounds = torch.searchsorted(ci, torch.arange(xf.shape[0] + 1)).tolist()
+            outs = []
+            for q in range(xf.shape[0]):
+                a, b = bounds[q], bounds[q + 1]
+                if b > a:  # one rms_cdist row per query: work ∝ candidate pairs
+                    d = rms_cdist(xf[q:q + 1], z[inv[a:b]])[0]  # exact float32, as the brute force computes it
+                    keep = d < r
+                    outs.append((ci[a:b][keep], ck[a:b][keep], d[keep]))
+            i, k, d = (torch.cat(t) for t in zip(*outs))
+            return i, k, d
         outs = []
         uk, inv = torch.unique(ck, return_inverse=True)
         for a in range(0, len(uk), chunk):  # each candidate latent is read once, in chunks
@@ -792,6 +861,16 @@ class ReferenceIndex:
         i, k, d = (torch.cat(t) for t in zip(*outs))
         order = torch.argsort(i * len(self) + k)
         return i[order], k[order], d[order]
+
+    def _read(self, uk: torch.Tensor) -> torch.Tensor:
+        """Latents of sorted unique ids uk [U] -> [U, D], read into a buffer reused across calls (no fresh
+        page faults per step); valid until the next call."""
+        if self.store.tensor is not None:
+            return self.store.tensor[uk]
+        buf = getattr(self, "_buf", None)
+        if buf is None or len(buf) < len(uk):
+            self._buf = buf = torch.empty(max(len(uk), 2048), self.store.dim)
+        return self.store.get_sorted(uk.numpy(), buf)
 
     # ---- persistence ----
     def save(self, folder: str | os.PathLike) -> None:
@@ -852,19 +931,6 @@ class ReferenceIndex:
             y, cells, subcells, order = y[torch.argsort(order)], None, None, None
         return cls(store, Features(t["mu"], t["w"]), y, float(meta["znorm_max"]), backend, cells, order, device,
                    json.loads(meta.get("meta", "{}")), subcells)
-
-
-def atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -246,3 +246,86 @@ def test_tiny_radius(backend):
     for r in (1e-7, 2e-5, 1e-3):
         assert_same(index.range_search(x, r), brute(x, z, r))
     assert len(index.range_search(x, 2e-5)[0]) == 3
+
+
+# ---- "cascade" backend (SubspaceCells): full-space annulus, float16 stage 2, positioned shard reads ----
+
+def test_subspace_centre_distances_are_exact():
+    """‖x − c‖² = ‖p − c_p‖² + ρ² for centres in the PCA subspace: the identity behind the annulus bound."""
+    from spell_core.index import SubspaceCells, pca_basis
+
+    g = torch.Generator().manual_seed(9)
+    z = flat32(clustered(300, g)).double()
+    mu, w = pca_basis(z.float(), 6)
+    cells = SubspaceCells(mu, w, torch.randn(4, 6, generator=g), torch.tensor([0, 0, 0, 0, 0]), torch.zeros(0))
+    p, rho2 = cells.project(z.float())
+    c = mu + cells.cp.double() @ w  # the centres in the full space
+    want = torch.cdist(z, c).pow(2)
+    got = torch.cdist(p, cells.cp.double()).pow(2) + rho2[:, None]
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_cascade_bounds_are_lower_bounds_and_split_wide_cells():
+    """Many small clusters next to big ones (k-means merges the small ones into wide cells, which get split);
+    every stage keeps all pairs within the radius, and the answers match brute force."""
+    g = torch.Generator().manual_seed(10)
+    big = clustered(1500, g, centres=4, spread=0.2)
+    small = torch.randn(150, *SHAPE, generator=g).repeat_interleave(3, 0) + 0.05 * torch.randn(450, *SHAPE, generator=g)
+    z = torch.cat([big, small])
+    index = ReferenceIndex.build(z, backend="cascade", dim=4, cells=20)
+    sub = index.subcells
+    assert len(sub.cp) > 20  # wide cells were split
+    x = torch.cat([z[torch.randint(0, len(z), (12,), generator=g)] + 0.1 * torch.randn(12, *SHAPE, generator=g),
+                   torch.randn(4, *SHAPE, generator=g)])
+    xf = flat32(x)
+    for r in (0.1, 0.3, 0.8):
+        d = rms_cdist(xf, flat32(z))
+        true = {(i, k) for i, k in zip(*[t.tolist() for t in torch.nonzero(d < r, as_tuple=True)])}
+        t = torch.full((len(x),), r * math.sqrt(xf.shape[1]), dtype=torch.float64)
+        sig = torch.zeros(len(x), dtype=torch.float64)
+        i, pos, _, _ = sub.annulus(xf, t, sig)
+        assert true <= set(zip(i.tolist(), index.order[pos].tolist())), "annulus dropped a true pair"
+        i, pos = sub.search(xf, t, sig)
+        assert true <= set(zip(i.tolist(), index.order[pos].tolist())), "stage 2 dropped a true pair"
+        assert_same(index.range_search(x, r), brute(x, z, r))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e5])
+def test_cascade_float16_stage_and_its_float32_fallback(scale):
+    """Stage-2 coordinates are float16 where they fit and float32 beyond float16's range; exact either way,
+    also at a radius equal to a distance."""
+    g = torch.Generator().manual_seed(11)
+    z = clustered(400, g) * scale
+    x = z[:6] + 0.05 * scale * torch.randn(6, *SHAPE, generator=g)
+    index = ReferenceIndex.build(z, backend="cascade", dim=3, cells=16)
+    assert index.subcells.p.dtype == (torch.float16 if scale == 1.0 else torch.float32)
+    d = rms_cdist(flat32(x), flat32(z))
+    for r in (0.2 * scale, float(d[1, 7]), float(torch.nextafter(d[1, 7], torch.tensor(math.inf)))):
+        assert_same(index.range_search(x, r), brute(x, z, r))
+
+
+def test_cascade_save_load_and_switching_backends(tmp_path):
+    """A saved cascade index loads with its cells (no refit) and as any other backend, same answers."""
+    g = torch.Generator().manual_seed(12)
+    z = clustered(600, g)
+    x = z[:5] + 0.1
+    files = build_shards([z], tmp_path / "s", shard_size=128)
+    index = ReferenceIndex.build(files)  # auto
+    assert index.backend == "cascade" and index.subcells is not None
+    index.save(tmp_path / "s")
+    want = brute(x, z, 0.45)
+    loaded = ReferenceIndex.load(tmp_path / "s")
+    assert loaded.subcells is not None and torch.equal(loaded.subcells.p, index.subcells.p)
+    assert_same(loaded.range_search(x, 0.45), want)
+    for backend in EXACT:
+        assert_same(ReferenceIndex.load(tmp_path / "s", backend=backend).range_search(x, 0.45), want)
+        assert_same(loaded.with_backend(backend).range_search(x, 0.45), want)
+
+
+def test_get_from_shards_any_order(tmp_path):
+    """get reads shard rows by positioned reads: unsorted, repeated and cross-shard ids come back in order."""
+    z = torch.randn(300, *SHAPE, generator=torch.Generator().manual_seed(13))
+    index = ReferenceIndex.build(build_shards([z], tmp_path, shard_size=64), backend="torch")
+    for k in ([5, 4, 3], [299, 0, 299, 64, 63], list(range(60, 140)), [7]):
+        assert torch.equal(index.get(torch.tensor(k)), z[k])
+    assert index.get(torch.zeros(0, dtype=torch.long)).shape == (0, *SHAPE)
