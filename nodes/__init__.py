@@ -8,12 +8,7 @@ MODULES = ("repellency", "references", "memory", "report", "demo", "fairness")
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 for _name in MODULES:
-    try:
-        _module = importlib.import_module(f".{_name}", __name__)
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{_name}":
-            raise
-        continue
+    _module = importlib.import_module(f".{_name}", __name__)
     for _cls in _module.NODES:
         NODE_CLASS_MAPPINGS[_cls.NODE_ID] = _cls
         NODE_DISPLAY_NAME_MAPPINGS[_cls.NODE_ID] = _cls.DISPLAY_NAME

@@ -227,9 +227,8 @@ class AttributeHeads:
         x = pool_features(h.float(), self.grid)
         out = 0
         for s, w in self.bucket_weights(sigma):
-            dev = dict(device=x.device, dtype=x.dtype)
-            z = (x - self.mean[s].to(**dev)) / self.std[s].to(**dev)
-            out = out + w * (z @ self.weight[s].to(**dev).T + self.bias[s].to(**dev))
+            mean, std, weight, bias_ = (_usable(t[s], x) for t in (self.mean, self.std, self.weight, self.bias))
+            out = out + w * (((x - mean) / std) @ weight.T + bias_)
         return out
 
     def gradient_scale(self, sigma: float, h_shape: tuple) -> float:
@@ -295,6 +294,12 @@ class AttributeHeads:
         return "\n".join(lines)
 
 
+def _usable(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t on like's device and dtype; a copy if it was made under inference mode (autograd refuses those)."""
+    t = t.to(device=like.device, dtype=like.dtype)
+    return t.clone() if t.is_inference() and not torch.is_inference_mode_enabled() else t
+
+
 def split_held_out(labels: torch.Tensor, held_out: float, generator: torch.Generator) -> torch.Tensor:
     """Boolean mask [N] of held-out examples: held_out of each class (at least one when a class has ≥ 2)."""
     mask = torch.zeros(labels.numel(), dtype=torch.bool)
@@ -335,6 +340,12 @@ def train_heads(features: torch.Tensor, labels: torch.Tensor, sigmas: torch.Tens
                 progress=None) -> AttributeHeads:
     """features [S, N, F] (pooled h of N examples at S noise levels, σ descending), labels [N] -> AttributeHeads with
     held-out accuracy per level; the final heads are refitted on all examples. progress(done, total) per level."""
+    with torch.inference_mode(False):
+        return _train_heads(features.clone(), labels.clone(), sigmas.clone(), classes, grid, channels, held_out, seed,
+                            weight_decay, progress)
+
+
+def _train_heads(features, labels, sigmas, classes, grid, channels, held_out, seed, weight_decay, progress):
     s_count, n, f = features.shape
     k = len(classes)
     g = torch.Generator().manual_seed(seed)
@@ -418,6 +429,7 @@ class FairRun:
         else:
             self.q = self.p.clone()
         self.draw_labels = torch.multinomial(self.q.float() + 0.0, batch, replacement=True, generator=self.generator)
+        self.evidence: torch.Tensor | None = None  # Σ over guided calls of log softmax(head(h)), [B, K]
         self.log = FairLog(target=self.p.tolist(), batch_target=self.q.tolist())
 
     def loss(self, logits: torch.Tensor) -> torch.Tensor:
@@ -425,10 +437,19 @@ class FairRun:
         if cfg.loss == "batch mean":
             return batch_mean_loss(logits, self.q, cfg.temperature, cfg.divergence)
         if cfg.loss == "per-image assignment":
-            y, conf = assignment_targets(logits.detach().softmax(-1), self.q, cfg.draws, self.generator)
+            y, conf = assignment_targets(self.accumulate(logits), self.q, cfg.draws, self.generator)
             return assignment_loss(logits, y, conf, cfg.threshold)
         labels = self.draw_labels[: logits.shape[0]]
         return assignment_loss(logits, labels, torch.ones(labels.shape), 0.0)
+
+    def accumulate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities [B, K] from all guided calls so far (normalised geometric mean), so that assignments
+        settle as the images take shape instead of flipping with every noisy early prediction."""
+        lp = logits.detach().float().log_softmax(-1).cpu()
+        if self.evidence is None or self.evidence.shape != lp.shape:
+            self.evidence = torch.zeros_like(lp)
+        self.evidence += lp
+        return self.evidence.softmax(-1)
 
     def step(self, h: torch.Tensor, sigma: float) -> torch.Tensor:
         """h [B, C, H, W] of one conditional chunk -> h − η B ∇_h L / G² (h untouched when strength is 0)."""

@@ -48,6 +48,23 @@ GRAPHS = {
         6: ("SpellBatchMemory", {"name": "demo", "capacity": 256}, {}),
         **tail({"memory": (6, 0)}, "spell_memory"),
     },
+    "spell_fairness": {
+        **COMMON,
+        5: ("SpellDemoDigitExamples", {"per_class": 40}, {}),
+        6: ("SpellAttributeHeadTrainer", {"folder": "(none)", "name": "demo_digits", "width": 64, "height": 64,
+                                          "noise_levels": 8, "pool_grid": 4, "held_out": 0.2, "seed": 0,
+                                          "overwrite": True},
+            {"model": (1, 0), "vae": (1, 1), "positive": (2, 0), "images": (5, 0), "labels": (5, 1)}),
+        7: ("SpellFairnessCount", {"name": "demo", "reset": False}, {}),
+        10: ("SpellDistributionGuidance", {"target": ", ".join(f"{d}: 0.1" for d in range(10)), "strength": 100.0,
+                                           "loss": "per-image assignment", "temperature": 8.0,
+                                           "divergence": "chi-square", "confidence": 0.8},
+             {"model": (1, 0), "heads": (6, 0), "count": (7, 0)}),
+        11: ("KSampler", SAMPLER, {"model": (10, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}),
+        12: ("VAEDecode", {}, {"samples": (11, 0), "vae": (1, 1)}),
+        13: ("SaveImage", {"filename_prefix": "spell_fairness"}, {"images": (12, 0)}),
+        14: ("SpellFairnessReport", {}, {"model": (10, 0), "heads": (6, 0), "samples": (11, 0), "count": (7, 0)}),
+    },
 }
 
 
