@@ -368,27 +368,31 @@ class ClusterCells:
             return z, z
         lo_s = (dc[qi, cell] - t64[qi, 0]).clamp_min(0)
         hi_s = dc[qi, cell] + t64[qi, 0]
-        base = cell.double()
-        eps = 1e-9  # key rounding: |cell + s/scale| < 2^20 keeps absolute key error far below this
-        lo = torch.searchsorted(self.key, base + lo_s / self.scale - eps)
-        hi = torch.searchsorted(self.key, torch.minimum(base + hi_s / self.scale + eps, base + 1 - eps / 2))
-        hi = torch.minimum(hi, self.off[cell + 1])
-        lo = torch.maximum(lo, self.off[cell])
-        n = (hi - lo).clamp_min(0)
-        total = int(n.sum())
-        self.scanned = total  # feature rows read by the last search (for benchmarks)
-        if total == 0:
-            z = torch.zeros(0, dtype=torch.long)
-            return z, z
-        seg = torch.repeat_interleave(torch.arange(len(n)), n)
-        pos = torch.arange(total) - torch.repeat_interleave(n.cumsum(0) - n, n) + lo[seg]
-        i = qi[seg]
+        i, pos = annulus_rows(self.key, self.scale, self.off, qi, cell, lo_s, hi_s)
+        self.scanned = len(pos)  # feature rows read by the last search (for benchmarks)
         d2 = (y[pos] - q[i].to(y.dtype)).pow(2).sum(1)
         keep = d2 <= (t[i] * t[i]).to(d2.dtype)
         return i[keep], pos[keep]
 
     def tensors(self) -> dict:
         return {"centroids": self.centroids, "cell_off": self.off, "cell_s": self.s}
+
+
+def annulus_rows(key: torch.Tensor, scale: float, off: torch.Tensor, qi: torch.Tensor, cell: torch.Tensor,
+                 lo_s: torch.Tensor, hi_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of cell ``cell[j]`` whose distance s to the cell's centre lies in [lo_s[j], hi_s[j]], for each pair j
+    -> (query ids qi[j] repeated [P], row positions [P]). Rows are stored cell by cell, sorted by the key
+    cell + s / scale, so each annulus is one contiguous slice found by two binary searches."""
+    base = cell.double()
+    eps = 1e-9  # key rounding: |cell + s/scale| < 2^20 keeps absolute key error far below this
+    lo = torch.searchsorted(key, base + lo_s / scale - eps)
+    hi = torch.searchsorted(key, torch.minimum(base + hi_s / scale + eps, base + 1 - eps / 2))
+    hi = torch.minimum(hi, off[cell + 1])
+    lo = torch.maximum(lo, off[cell])
+    n = (hi - lo).clamp_min(0)
+    seg = torch.repeat_interleave(torch.arange(len(n)), n)
+    pos = torch.arange(len(seg)) - torch.repeat_interleave(n.cumsum(0) - n, n) + lo[seg]
+    return qi[seg], pos
 
 
 def kmeans(y: torch.Tensor, k: int, seed: int = 0, iters: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -573,23 +577,9 @@ class SubspaceCells:
         tq = tt[qi, 0]
         lo_s = (lo_c[qi, cell] - tq).clamp_min(0)
         hi_s = hi_c[qi, cell] + tq
-        base = cell.double()
-        eps = 1e-9  # key rounding: |cell + s/scale| < 2^20 keeps absolute key error far below this
-        lo = torch.searchsorted(self.key, base + lo_s / self.scale - eps)
-        hi = torch.searchsorted(self.key, torch.minimum(base + hi_s / self.scale + eps, base + 1 - eps / 2))
-        hi = torch.minimum(hi, self.off[cell + 1])
-        lo = torch.maximum(lo, self.off[cell])
-        n = (hi - lo).clamp_min(0)
-        total = int(n.sum())
-        self.scanned = total  # rows left by the annulus in the last search (for benchmarks)
-        if total == 0:
-            z = torch.zeros(0, dtype=torch.long)
-            return z, z, pq, rq2
-        keep = n > 0
-        qi, lo, n = qi[keep], lo[keep], n[keep]
-        seg = torch.repeat_interleave(torch.arange(len(n)), n)
-        pos = torch.arange(total) - torch.repeat_interleave(n.cumsum(0) - n, n) + lo[seg]
-        return qi[seg], pos, pq, rq2
+        i, pos = annulus_rows(self.key, self.scale, self.off, qi, cell, lo_s, hi_s)
+        self.scanned = len(pos)  # rows left by the annulus in the last search (for benchmarks)
+        return i, pos, pq, rq2
 
     def tensors(self) -> dict:
         out = {"cc_mu": self.mu.clone(), "cc_w": self.w.clone(), "cc_centres": self.cp, "cc_off": self.off,
