@@ -10,17 +10,21 @@ import hashlib
 import os
 from pathlib import Path
 
+import comfy.model_management
 import comfy.utils
 import folder_paths
 import torch
 
 from ..spell_core import ReferenceSet, StorageError
+from ..spell_core.build import build_from_images
+from ..spell_core.index import BACKENDS
 from ..spell_core.references import RESIZE_MODES, EncodingCache, encode_folder, fingerprint_tensors, fit_batch, list_images
 from ..spell_core.storage import inside
 from .common import SpellInputError, user_folder
 
 SETS = "spell_sets"
 NONE = "(none)"
+SHARD_ROWS = 4096  # latents per shard of an index folder: the work a cancelled build can lose
 if SETS not in folder_paths.folder_names_and_paths:
     folder_paths.folder_names_and_paths[SETS] = ([os.path.join(folder_paths.models_dir, SETS)], {".safetensors"})
 
@@ -38,6 +42,17 @@ def set_files() -> list[str]:
         if os.path.isdir(base):
             names += [f"{d}/" for d in sorted(os.listdir(base)) if os.path.isfile(os.path.join(base, d, "index.safetensors"))]
     return names
+
+
+def folder_stamp(folder: str) -> str:
+    """Names, sizes and modification times of the images of an input folder, hashed."""
+    h = hashlib.sha256()
+    if folder != NONE:
+        base = Path(folder_paths.get_input_directory(), folder)
+        for p in list_images(base) if base.is_dir() else []:
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
 
 
 class SpellProtectedSetLoader:
@@ -63,7 +78,8 @@ class SpellProtectedSetLoader:
                                                               "images are protected (PNG, JPEG, WebP, BMP)."}),
                 "set_file": ([NONE] + set_files(), {"tooltip":
                     "A set saved with SPELL Protected Set Save (models/spell_sets/*.safetensors), or an index folder "
-                    "there (models/spell_sets/<name>/ built by `python -m spell_core.index build`) for large sets."}),
+                    "there (models/spell_sets/<name>/, built by SPELL Protected Set Index Builder or "
+                    "`python -m spell_core.index build`) for large sets."}),
                 "width": ("INT", {"default": 512, "min": 8, "max": 16384, "step": 8, "tooltip":
                     "Generation width: images are fitted to it before encoding (must match the sampler's latent)."}),
                 "height": ("INT", {"default": 512, "min": 8, "max": 16384, "step": 8, "tooltip": "Generation height."}),
@@ -80,12 +96,7 @@ class SpellProtectedSetLoader:
     @classmethod
     def IS_CHANGED(cls, folder, set_file, **kwargs):
         """Re-run when the folder's files or the set file change."""
-        h = hashlib.sha256()
-        if folder != NONE:
-            base = Path(folder_paths.get_input_directory(), folder)
-            for p in list_images(base) if base.is_dir() else []:
-                st = p.stat()
-                h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        h = hashlib.sha256(folder_stamp(folder).encode())
         if set_file != NONE:
             for b in folder_paths.get_folder_paths(SETS):
                 path = os.path.join(b, set_file, "index.safetensors") if set_file.endswith("/") else os.path.join(b, set_file)
@@ -183,4 +194,76 @@ class SpellProtectedSetSave:
         return {"ui": {"text": [f"saved {len(references)} references to models/{SETS}/{path.name}"]}}
 
 
-NODES = [SpellProtectedSetLoader, SpellProtectedSetSave]
+class SpellProtectedSetIndexBuilder:
+    NODE_ID = "SpellProtectedSetIndexBuilder"
+    DISPLAY_NAME = "SPELL Protected Set Index Builder"
+    CATEGORY = "SPELL"
+    DESCRIPTION = (
+        "Builds an exact search index over a large folder of images (thousands to millions) for SPELL: the images "
+        "are encoded with the VAE a batch at a time and written to models/spell_sets/<name>/ in shards, so memory "
+        "does not grow with the set. If it is stopped (Cancel, a crash), queue it again: it resumes where it "
+        "stopped. Once built, the same inputs open the index at once, and SPELL Protected Set Loader lists it as "
+        "'<name>/'."
+    )
+    RETURN_TYPES = ("SPELL_REFERENCES", "STRING")
+    RETURN_NAMES = ("references", "summary")
+    FUNCTION = "build"
+    OUTPUT_NODE = True
+    SEARCH_ALIASES = ["SPELL", "protected", "shield", "index", "million"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "folder": (input_folders() or [NONE], {"tooltip": "A folder under ComfyUI's input directory whose "
+                                                             "images are protected (PNG, JPEG, WebP, BMP)."}),
+            "vae": ("VAE", {"tooltip": "The VAE of the model you sample with."}),
+            "name": ("STRING", {"default": "protected_index", "tooltip":
+                "Index folder name under models/spell_sets (shown by the loader as '<name>/')."}),
+            "width": ("INT", {"default": 512, "min": 8, "max": 16384, "step": 8, "tooltip":
+                "Generation width: images are fitted to it before encoding (must match the sampler's latent)."}),
+            "height": ("INT", {"default": 512, "min": 8, "max": 16384, "step": 8, "tooltip": "Generation height."}),
+            "resize": (list(RESIZE_MODES), {"tooltip": "center crop: crop the centred window of the target aspect "
+                                                       "ratio, then resize (Lanczos). stretch: resize only."}),
+            "batch_size": ("INT", {"default": 8, "min": 1, "max": 512, "tooltip":
+                "Images encoded per VAE call (more is faster on a GPU, uses more memory)."}),
+            "backend": (list(BACKENDS), {"tooltip": "Search backend; auto picks the fastest exact one for the set's "
+                                                    "size. Every backend is exact."}),
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip":
+                "Replace an index of that name built from other images or settings (off: refuse)."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, folder, **kwargs):
+        return folder_stamp(folder)
+
+    def build(self, folder, vae, name, width, height, resize, batch_size, backend, overwrite):
+        if width % 8 or height % 8:
+            raise SpellInputError(self.NODE_ID, f"width and height must be multiples of 8, got {width} x {height}.")
+        try:
+            base = Path(folder_paths.get_folder_paths(SETS)[0])
+            base.mkdir(parents=True, exist_ok=True)
+            if not name.strip() or any(c in name for c in "/\\") or name.strip() in (".", ".."):
+                raise StorageError(f"name {name!r} must be a plain folder name (no path)")
+            out = inside(base, name.strip())
+            src = inside(folder_paths.get_input_directory(), folder)
+            if folder == NONE or not src.is_dir():
+                raise StorageError(f"folder {folder!r} does not exist under ComfyUI's input directory")
+            bar = comfy.utils.ProgressBar(2)
+
+            def progress(stage, done, total):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                bar.update_absolute(done + (total if stage == "index" else 0), 2 * max(total, 1))
+
+            index, what = build_from_images(src, out, width, height, resize, vae.encode,
+                                            fingerprint_tensors(vae.get_sd()), batch=batch_size, shard_size=SHARD_ROWS,
+                                            backend=backend,
+                                            overwrite=overwrite, progress=progress)
+        except StorageError as e:
+            raise SpellInputError(self.NODE_ID, f"{e}.") from e
+        refs = ReferenceSet(None, {"sources": [f"index {out.name}/ ({len(index)})"]}, index)
+        summary = (f"{what}: {len(index)} references from folder {folder}, latent shape {tuple(index.item_shape)}, "
+                   f"backend {index.backend}, in models/{SETS}/{out.name}/")
+        return {"ui": {"text": [summary]}, "result": (refs, summary)}
+
+
+NODES = [SpellProtectedSetLoader, SpellProtectedSetSave, SpellProtectedSetIndexBuilder]

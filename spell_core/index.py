@@ -951,7 +951,7 @@ def build_shards(source: Iterable[torch.Tensor] | Callable[[int], Iterable[torch
     Resumable: shards already complete are kept and their rows skipped. source is an iterable of batches
     (skipped rows are then read and dropped) or a callable source(start) returning batches from row
     ``start`` on (skips for free). A manifest.json written last marks the set complete; a complete set
-    is returned as is. progress(done, total) is called after every shard (total None if unknown);
+    is returned as is. progress(done, total) is called after every batch (total None if unknown);
     bar shows a tqdm progress bar. Returns the shard paths.
     """
     if shard_size < 1:
@@ -1005,12 +1005,10 @@ def build_shards(source: Iterable[torch.Tensor] | Callable[[int], Iterable[torch
                 pbar.update(take)
             if nbuf == shard_size:
                 flush()
-                if progress is not None:
-                    progress(done, total)
-    if nbuf:
-        flush()
         if progress is not None:
             progress(done, total)
+    if nbuf:
+        flush()
     if pbar is not None:
         pbar.close()
     files = [shard_name(i) for i in range(j)]
@@ -1079,19 +1077,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--backend", default="auto", choices=BACKENDS)
     b.add_argument("--projection", default="pca", choices=PROJECTIONS)
     b.add_argument("--dim", type=int, default=32, help="PCA dimensions of the lower-bound features")
+    b.add_argument("--overwrite", action="store_true", help="replace an index in --out built from other files")
     args = ap.parse_args(argv)
-    source, total = folder_source(latent_files(args.latents_dir))
-    files = build_shards(source, args.out, args.shard_size, total=total, bar=True)
     from tqdm import tqdm
 
-    with tqdm(total=total, unit="latent", desc="features", dynamic_ncols=True) as pbar:
-        def progress(done, _total):
+    from .build import build_index_folder, describe_source
+
+    files = latent_files(args.latents_dir)
+    source, total = folder_source(files)
+    record = describe_source(files, {"kind": "latent files", "dim": args.dim, "projection": args.projection})
+    bars = {}
+
+    def progress(stage, done, total_):
+        if stage == "index":  # the shard stage has its own bar (bar=True)
+            pbar = bars.setdefault(stage, tqdm(total=total_, unit="latent", desc="index", dynamic_ncols=True))
             pbar.update(done - pbar.n)
 
-        index = ReferenceIndex.build(files, backend=args.backend, projection=args.projection, dim=args.dim,
-                                     progress=progress)
-    index.save(args.out)
-    print(f"indexed {len(index)} latents of shape {index.item_shape} ({index.backend}) in {args.out}",
+    try:
+        index, what = build_index_folder(source, total, args.out, record, shard_size=args.shard_size,
+                                         backend=args.backend, overwrite=args.overwrite, progress=progress, bar=True,
+                                         index_options={"projection": args.projection, "dim": args.dim})
+    except StorageError as e:
+        raise SystemExit(f"error: {e}")
+    finally:
+        for pbar in bars.values():
+            pbar.close()
+    print(f"{what}: {len(index)} latents of shape {index.item_shape} ({index.backend}) in {args.out}",
           file=sys.stderr)
     return 0
 

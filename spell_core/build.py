@@ -1,0 +1,121 @@
+"""Index folders built from a folder of images (through an encoder, e.g. a VAE) or of latent files.
+
+An index folder holds shard-XXXXX.safetensors (the latents, memory-mapped at query time), index.safetensors
+(``index.ReferenceIndex``) and source.json, which records what the folder was built from (file names, sizes,
+modification times, and the encoding settings). Builds stream: images are read and encoded a batch at a
+time and written out shard by shard, so memory does not grow with the set. A build that was interrupted
+resumes at its first incomplete shard when it is run again on the same source; a folder built from a
+different source is never touched unless ``overwrite`` is set.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .index import INDEX_FILE, MANIFEST, ReferenceIndex, build_shards
+from .references import list_images, read_image
+from .storage import StorageError, check_finite
+
+SOURCE_FILE = "source.json"
+StageProgress = Callable[[str, int, int], None]  # (stage "encode" | "index", done, total)
+
+
+def describe_source(files: Sequence[Path], settings: dict) -> dict:
+    """What a build reads: a digest of the files' names, sizes and modification times, plus settings."""
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"files": len(files), "digest": h.hexdigest(), "settings": settings}
+
+
+def image_source(files: Sequence[Path], width: int, height: int, mode: str,
+                 encode: Callable[[torch.Tensor], torch.Tensor], batch: int = 8):
+    """source(start) for ``build_shards``: latents of files[start:], encoded ``batch`` images at a time.
+
+    encode(pixels [b, height, width, 3] float in 0..1) -> latents [b, ...]; one latent per image, so the
+    row of an image is its position in ``files`` and a resumed build skips images without reading them.
+    """
+    def source(start: int):
+        for a in range(start, len(files), batch):
+            chunk = files[a:a + batch]
+            pixels = torch.from_numpy(np.stack([read_image(p, width, height, mode) for p in chunk]))
+            latents = encode(pixels).detach().to("cpu", torch.float32)
+            if latents.shape[0] != len(chunk):
+                raise StorageError(f"the encoder returned {latents.shape[0]} latents for {len(chunk)} images")
+            check_finite(latents, f"the encodings of {chunk[0].name}..{chunk[-1].name}")
+            yield latents
+    return source
+
+
+def owned_files(out: Path) -> list[Path]:
+    """Files of out that an index build writes (the only ones ``overwrite`` removes)."""
+    names = {INDEX_FILE, MANIFEST, SOURCE_FILE}
+    return [p for p in out.iterdir() if p.is_file() and (p.name in names or p.name.endswith(".tmp")
+                                                         or (p.name.startswith("shard-") and p.suffix == ".safetensors"))]
+
+
+def build_index_folder(source, total: int, out: str | os.PathLike, record: dict, *, shard_size: int = 4096,
+                       backend: str = "auto", overwrite: bool = False, progress: StageProgress | None = None,
+                       bar: bool = False, index_options: dict | None = None) -> tuple[ReferenceIndex, str]:
+    """Shards the latents of ``source`` into ``out`` and indexes them; returns (index, what was done).
+
+    record describes the source (``describe_source``); it is stored in out/source.json. If out already holds
+    a complete index of the same record it is opened as is; a partial build of the same record resumes; a
+    folder of another record raises StorageError unless overwrite, which deletes the build's own files first.
+    index_options go to ``ReferenceIndex.build`` (projection, dim, ...).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StorageError(f"{out.name} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    src = out / SOURCE_FILE
+    recorded = None
+    if src.is_file():
+        try:
+            recorded = json.loads(src.read_text())
+        except (OSError, ValueError):
+            recorded = {"unreadable": True}
+    existing = owned_files(out)
+    if existing and recorded != record:
+        if not overwrite:
+            was = (f"{recorded.get('files')} files, settings {recorded.get('settings')}" if isinstance(recorded, dict)
+                   and "files" in recorded else "an unknown source")
+            raise StorageError(f"{out.name} already holds an index built from another source ({was}); choose "
+                               "another name, or switch overwrite on to replace it")
+        for p in existing:
+            p.unlink()
+        existing = []
+    if existing and (out / INDEX_FILE).is_file():
+        return ReferenceIndex.load(out), "already built from the same files: opened as is"
+    resumed = any(p.name.startswith("shard-") for p in existing)
+    tmp = src.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, src)
+
+    def stage(name):
+        return None if progress is None else (lambda done, tot: progress(name, done, total))
+
+    files = build_shards(source, out, shard_size, total=total, progress=stage("encode"), bar=bar)
+    index = ReferenceIndex.build(files, backend=backend, progress=stage("index"), **(index_options or {}))
+    index.save(out)
+    return index, "resumed an interrupted build" if resumed else "built"
+
+
+def build_from_images(folder: str | os.PathLike, out: str | os.PathLike, width: int, height: int, mode: str,
+                      encode: Callable[[torch.Tensor], torch.Tensor], encoder: str, *, batch: int = 8,
+                      **kwargs) -> tuple[ReferenceIndex, str]:
+    """``build_index_folder`` over the images of folder (sorted by name) encoded with encode; encoder names
+    the encoder's weights (e.g. ``references.fingerprint_tensors``) so that another VAE is another source."""
+    files = list_images(folder)
+    if not files:
+        raise StorageError(f"folder {Path(folder).name!r} holds no images")
+    record = describe_source(files, {"width": width, "height": height, "resize": mode, "encoder": encoder})
+    return build_index_folder(image_source(files, width, height, mode, encode, batch), len(files), out, record,
+                              **kwargs)

@@ -1,0 +1,99 @@
+"""spell_core.build: index folders from a folder of images through an encoder, streamed, resumable, and never
+replacing an index built from another source."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spell_core.build import SOURCE_FILE, build_from_images, owned_files
+from spell_core.index import ReferenceIndex, main
+from spell_core.storage import StorageError, save_latents
+
+
+def encode(pixels):
+    """A stand-in encoder: [b, H, W, 3] -> [b, 3, H/8, W/8] block means (any deterministic map will do)."""
+    b, h, w, _ = pixels.shape
+    return pixels.permute(0, 3, 1, 2).reshape(b, 3, h // 8, 8, w // 8, 8).mean((3, 5))
+
+
+def images(folder, n, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{k:03d}.png")
+    return folder
+
+
+def test_images_build_resume_and_reopen(tmp_path):
+    src = images(tmp_path / "imgs", 30)
+    seen = []
+
+    def counting(pixels, stop_after=None):
+        seen.append(len(pixels))
+        if stop_after is not None and len(seen) > stop_after:
+            raise KeyboardInterrupt
+        return encode(pixels)
+
+    with pytest.raises(KeyboardInterrupt):
+        build_from_images(src, tmp_path / "idx", 32, 32, "center crop", lambda p: counting(p, 3), "enc",
+                          batch=4, shard_size=8)
+    seen.clear()
+    stages = []
+    index, what = build_from_images(src, tmp_path / "idx", 32, 32, "center crop", counting, "enc", batch=4,
+                                    shard_size=8, progress=lambda *a: stages.append(a))
+    assert what == "resumed an interrupted build" and sum(seen) == 30 - 8
+    assert stages[-1] == ("index", 30, 30) and ("encode", 30, 30) in stages
+    full, _ = build_from_images(src, tmp_path / "fresh", 32, 32, "center crop", encode, "enc", batch=7)
+    assert torch.equal(index.get(torch.arange(30)), full.get(torch.arange(30)))
+    seen.clear()
+    again, what = build_from_images(src, tmp_path / "idx", 32, 32, "center crop", counting, "enc", shard_size=8)
+    assert what.startswith("already built") and seen == [] and len(again) == 30
+    assert json.loads((tmp_path / "idx" / SOURCE_FILE).read_text())["files"] == 30
+
+
+@pytest.mark.parametrize("change", ["file", "encoder", "size"])
+def test_another_source_is_refused_and_left_intact(tmp_path, change):
+    src = images(tmp_path / "imgs", 6)
+    build_from_images(src, tmp_path / "idx", 32, 32, "stretch", encode, "enc")
+    before = {p.name: p.read_bytes() for p in owned_files(tmp_path / "idx")}
+    args = dict(width=32, encoder="enc")
+    if change == "file":
+        images(src, 7, seed=1)
+    elif change == "encoder":
+        args["encoder"] = "other"
+    else:
+        args["width"] = 48
+    with pytest.raises(StorageError, match="another source.*overwrite"):
+        build_from_images(src, tmp_path / "idx", args["width"], 32, "stretch", encode, args["encoder"])
+    assert {p.name: p.read_bytes() for p in owned_files(tmp_path / "idx")} == before
+    index, what = build_from_images(src, tmp_path / "idx", args["width"], 32, "stretch", encode, args["encoder"],
+                                    overwrite=True)
+    assert what == "built" and len(index) == len(list(src.glob("*.png")))
+    assert ReferenceIndex.load(tmp_path / "idx").item_shape == index.item_shape
+
+
+def test_empty_folder_and_bad_encoder_output(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StorageError, match="holds no images"):
+        build_from_images(tmp_path / "empty", tmp_path / "idx", 32, 32, "stretch", encode, "enc")
+    src = images(tmp_path / "imgs", 3)
+    with pytest.raises(StorageError, match="NaN"):
+        build_from_images(src, tmp_path / "idx2", 32, 32, "stretch", lambda p: encode(p) * float("nan"), "enc")
+    with pytest.raises(StorageError, match="returned 1 latents for 3 images"):
+        build_from_images(src, tmp_path / "idx3", 32, 32, "stretch", lambda p: encode(p)[:1], "enc")
+
+
+def test_cli_refuses_another_source_unless_overwrite(tmp_path, capsys):
+    src = tmp_path / "latents"
+    src.mkdir()
+    save_latents(src / "a.safetensors", torch.randn(20, 4, 4, 4))
+    out = str(tmp_path / "out")
+    assert main(["build", "--latents-dir", str(src), "--out", out]) == 0
+    save_latents(src / "b.safetensors", torch.randn(5, 4, 4, 4))
+    with pytest.raises(SystemExit, match="another source"):
+        main(["build", "--latents-dir", str(src), "--out", out])
+    assert len(ReferenceIndex.load(out)) == 20
+    assert main(["build", "--latents-dir", str(src), "--out", out, "--overwrite"]) == 0
+    assert len(ReferenceIndex.load(out)) == 25

@@ -1,0 +1,117 @@
+"""SPELL Protected Set Index Builder: a folder of images through the VAE into an index folder, streamed in
+shards, resumable after a cancel, refusing to replace another set's index, listed by the loader."""
+import shutil
+from pathlib import Path
+
+import comfy.model_management as mm
+import comfy.utils as comfy_utils
+import folder_paths
+import pytest
+import torch
+from PIL import Image
+
+
+def image_folder(name, n, seed=0):
+    folder = Path(folder_paths.get_input_directory(), name)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    g = torch.Generator().manual_seed(seed)
+    for k in range(n):
+        pixels = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{k:03d}.png")
+    return folder
+
+
+class CountingVAE:
+    """The demo VAE, counting encoded images; optionally presses Cancel after `cancel_after` encode calls."""
+
+    def __init__(self, vae, cancel_after=None):
+        self.vae, self.cancel_after, self.images, self.calls = vae, cancel_after, 0, 0
+
+    def encode(self, pixels):
+        self.calls += 1
+        self.images += len(pixels)
+        if self.calls == self.cancel_after:
+            mm.interrupt_current_processing(True)
+        return self.vae.encode(pixels)
+
+    def get_sd(self):
+        return self.vae.get_sd()
+
+
+def build(comfy, folder, vae, name="idx", overwrite=False, batch_size=4):
+    node = comfy.NODE_CLASS_MAPPINGS["SpellProtectedSetIndexBuilder"]()
+    return node.build(folder, vae, name, 64, 64, "center crop", batch_size, "auto", overwrite)["result"]
+
+
+def test_build_resumes_after_cancel_and_reopens(comfy, pack, monkeypatch):
+    monkeypatch.setattr(pack.nodes.references, "SHARD_ROWS", 8)
+    folder = image_folder("index-src", 37)
+    vae = comfy.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]().load()[1]
+    bar = []
+    comfy_utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: bar.append((value, total)))
+    try:
+        first = CountingVAE(vae, cancel_after=3)  # 12 images encoded: one complete shard of 8
+        with pytest.raises(mm.InterruptProcessingException):
+            build(comfy, "index-src", first)
+        mm.interrupt_current_processing(False)
+        out = Path(folder_paths.get_folder_paths("spell_sets")[0], "idx")
+        assert not (out / "index.safetensors").exists() and (out / "shard-00000.safetensors").exists()
+
+        second = CountingVAE(vae)
+        refs, summary = build(comfy, "index-src", second)
+    finally:
+        comfy_utils.set_progress_bar_global_hook(None)
+    assert summary.startswith("resumed") and second.images == 37 - 8
+    assert bar[-1][0] == bar[-1][1] and all(a[0] <= b[0] for a, b in zip(bar, bar[1:]) if a[1] == b[1])
+    direct = torch.cat([vae.encode(torch.from_numpy(pack.spell_core.references.read_image(p, 64, 64, "center crop"))[None])
+                        for p in sorted(folder.glob("*.png"))])
+    assert len(refs) == 37 and torch.equal(refs.index.get(torch.arange(37)), direct.float())
+
+    third = CountingVAE(vae)
+    again, summary = build(comfy, "index-src", third)
+    assert third.images == 0 and summary.startswith("already built") and len(again) == 37
+
+    loader = comfy.NODE_CLASS_MAPPINGS["SpellProtectedSetLoader"]
+    assert "idx/" in loader.INPUT_TYPES()["required"]["set_file"][0]
+    loaded = loader().load("(none)", "idx/", 64, 64, "center crop")[0]
+    assert torch.equal(loaded.index.get(torch.arange(37)), direct.float())
+    x = direct[:3] + 0.01
+    assert {(int(i), int(k)) for i, k, _ in zip(*loaded.index.range_search(x, 0.05))} == {(0, 0), (1, 1), (2, 2)}
+
+
+def test_another_source_is_refused_and_kept_unless_overwrite(comfy):
+    image_folder("index-a", 5, seed=1)
+    image_folder("index-b", 6, seed=2)
+    vae = comfy.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]().load()[1]
+    build(comfy, "index-a", vae, name="shared")
+    out = Path(folder_paths.get_folder_paths("spell_sets")[0], "shared")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match="SpellProtectedSetIndexBuilder: .*another source.*overwrite"):
+        build(comfy, "index-b", vae, name="shared")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    refs, summary = build(comfy, "index-b", vae, name="shared", overwrite=True)
+    assert len(refs) == 6 and summary.startswith("built")
+    for bad in ("../escape", "a/b", " "):
+        with pytest.raises(ValueError, match="SpellProtectedSetIndexBuilder: .*plain folder name"):
+            build(comfy, "index-a", vae, name=bad)
+    with pytest.raises(ValueError, match="SpellProtectedSetIndexBuilder: .*does not exist"):
+        build(comfy, "no-such-folder", vae)
+
+
+def test_command_line_builds_from_images_through_a_vae(tmp_path):
+    """python -m tools.build_index (its own ComfyUI process) writes the index the node would."""
+    import subprocess
+    import sys
+
+    from spell_core.index import ReferenceIndex
+
+    src = image_folder("index-cli", 9, seed=3)
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "tools.build_index", "--images", str(src), "--vae", "demo", "--width", "64",
+           "--height", "64", "--out", str(tmp_path / "cli"), "--shard-size", "4"]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "built: 9 latents of shape (4, 8, 8)" in done.stderr
+    index = ReferenceIndex.load(tmp_path / "cli")
+    assert len(index) == 9 and len(list((tmp_path / "cli").glob("shard-*.safetensors"))) == 3
