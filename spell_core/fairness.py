@@ -8,8 +8,10 @@ Two losses on timestep-aware attribute heads over the middle-block features h:
   draws to q_i; L = (1/B) Σ_i 1[max q_i ≥ C] CE(head(h_i), argmax q_i).
 - per-image draw: plain classifier guidance toward one label per image drawn i.i.d. from the target (baseline).
 
-The update is h ← h − η ∇_h L, differentiating only the heads. A running class count over earlier runs turns the
-target into a per-batch target (``batch_counts``) that brings the cumulative distribution closest to the target.
+The update is h ← h − η ∇_h L, differentiating only the heads. The assignment always works on a whole batch
+target (``batch_counts``: integer seats per class, ties broken by the run's seed, so that over many runs every
+class gets its share): from an empty count for a single run, or from a running class count over earlier runs,
+where it brings the cumulative distribution closest to the target.
 Plain torch/numpy/scipy; never imports ComfyUI.
 """
 from __future__ import annotations
@@ -423,6 +425,8 @@ class FairRun:
         self.heads, self.p, self.config, self.batch = heads, torch.as_tensor(p, dtype=torch.float64), config, batch
         self.generator = torch.Generator().manual_seed(int(seed) % (2**63))
         self.measuring = False
+        if counts is None and config.loss == "per-image assignment":
+            counts = torch.zeros_like(self.p)  # a whole batch target: this run's share of the seats nearest p
         if counts is not None:
             b = batch_counts(counts, self.p, batch, self.generator)
             self.q = b.double() / batch
@@ -464,7 +468,7 @@ class FairRun:
             loss = self.loss(self.heads.logits(x, sigma))
             (grad,) = torch.autograd.grad(loss, x)
         eta = self.config.strength * h.shape[0] / self.heads.gradient_scale(sigma, tuple(h.shape))
-        self.log.losses.append((float(sigma), float(loss)))
+        self.log.losses.append((float(sigma), float(loss.detach())))
         return (h.float() - eta * grad.to(h.device)).to(h.dtype)
 
 

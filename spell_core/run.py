@@ -57,9 +57,22 @@ class RunLog:
     n_static: int = 0
     steps: list[StepRecord] = field(default_factory=list)
     enforced: int = 0
-    nearest_static: list[float] = field(default_factory=list)
     nearest_batch: list[float] = field(default_factory=list)
     finished: bool = False
+    _nearest_static: list[float] | None = field(default=None, repr=False)
+    _nearest_fn: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def nearest_static(self) -> list[float]:
+        """RMS distance of each final output to its nearest static reference (inf beyond NEAREST_CAP·r).
+
+        Computed on first use (by the report), not when the run finishes: on a million-reference index the
+        searches out to NEAREST_CAP·r can cost more than the whole run, and sampling should not pay for them.
+        The shield the run saw is kept for it (memory parts are snapshots, so later appends do not count)."""
+        if self._nearest_static is None:
+            self._nearest_static = self._nearest_fn().tolist() if self._nearest_fn is not None else []
+            self._nearest_fn = None
+        return self._nearest_static
 
     def active_share(self) -> float:
         """Share of (model call, image) pairs where the push was non-zero."""
@@ -115,7 +128,8 @@ class SpellRun:
         if self.config.enforce and len(self.shield):
             x, moved = self.shield.project_out(x, self.config.r, self.config.margin)
         self.log.enforced = int(moved.sum())
-        self.log.nearest_static = self.shield.nearest(x, NEAREST_CAP * self.config.r).tolist()
+        final, shield, cap = x.detach().clone(), self.shield, NEAREST_CAP * self.config.r
+        self.log._nearest_fn = lambda: shield.nearest(final, cap)
         b = x.shape[0]
         self.log.nearest_batch = nearest(x, x, ~torch.eye(b, dtype=torch.bool, device=x.device)).tolist()
         self.log.finished = True

@@ -59,6 +59,9 @@ class IndexPart:
         return (flat32(self.index.get(k.cpu())) * self.scale + self.shift).to(device)
 
 
+NEAREST_STEPS = (0.25, 0.375, 0.5, 0.75, 1.0)  # radii of Shield.nearest's searches, as fractions of its cap
+
+
 class Shield:
     """Union of reference parts; reference ids run over the parts in order."""
 
@@ -92,11 +95,20 @@ class Shield:
         return out
 
     def nearest(self, x: torch.Tensor, cap: float) -> torch.Tensor:
-        """RMS distance to the nearest reference when below cap, else inf -> [B]."""
+        """RMS distance to the nearest reference when below cap, else inf -> [B].
+
+        Range searches of growing radius (NEAREST_STEPS of cap), each only for the rows not yet resolved: a row
+        with any reference within ρ has its nearest among them. On a dense million-reference index a search at
+        the full cap can return most of the set, so the radius only grows as far as a row needs."""
         out = torch.full((x.shape[0],), math.inf, device=x.device)
-        if len(self):
-            i, _, d = self.range_search(x, cap)
-            out.scatter_reduce_(0, i, d, reduce="amin")
+        todo = torch.arange(x.shape[0], device=x.device)
+        for f in NEAREST_STEPS if len(self) else ():
+            i, _, d = self.range_search(x[todo], cap * f)
+            found = torch.full((len(todo),), math.inf, device=x.device).scatter_reduce_(0, i, d, reduce="amin")
+            out[todo] = found
+            todo = todo[torch.isinf(found)]
+            if len(todo) == 0:
+                break
         return out
 
     def project_out(self, x: torch.Tensor, r: float, margin: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:

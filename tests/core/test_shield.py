@@ -54,3 +54,21 @@ def test_scalar_affine_detection():
     assert scalar_affine(lambda v: v * 0.5 + 1, (2, 2)) == pytest.approx((0.5, 1.0))
     per_channel = torch.tensor([1.0, 2.0]).view(1, 2, 1)
     assert scalar_affine(lambda v: v * per_channel, (2, 3)) is None
+
+
+def test_nearest_grows_its_radius_only_as_far_as_each_row_needs():
+    """Shield.nearest equals the brute-force nearest distance below the cap (inf beyond), for rows at every
+    distance band, on a plain and an indexed part; rows resolved early are not searched again."""
+    z = clustered(3, 500)
+    g = torch.Generator().manual_seed(4)
+    far = torch.cat([z[:1] + s * torch.randn(1, 4, 4, 4, generator=g) for s in (0.01, 0.3, 0.6, 1.0, 2.0, 9.0)])
+    truth = rms_cdist(far.flatten(1), z.flatten(1)).min(1).values
+    cap = 1.2
+    want = torch.where(truth < cap, truth, torch.full_like(truth, float("inf")))
+    assert torch.isinf(want).any() and (want < 0.25 * cap).any() and ((want > 0.5 * cap) & (want < cap)).any()
+    for part in (TensorPart(z), IndexPart(ReferenceIndex.build(z), 1.0, 0.0)):
+        shield, radii = Shield([part]), []
+        search = shield.range_search
+        shield.range_search = lambda x, r: (radii.append((len(x), r)), search(x, r))[1]
+        torch.testing.assert_close(shield.nearest(far, cap), want)
+        assert radii[0] == (6, 0.25 * cap) and radii[-1][0] < 6

@@ -46,6 +46,10 @@ def test_memory_fills_persists_and_survives_a_restart(pack, executor):
     second = executor.run(memory_graph(name, seed=2))
     assert second.success, second.error
     assert "static references 2" in second.ui["14"]["text"][0]  # the first run's outputs repel the second
+    # the report (run after the memory append) measures against the references the run saw, not its own outputs
+    near = next(l for l in second.ui["14"]["text"][0].splitlines() if l.startswith("nearest static"))
+    values = [v.strip() for v in near.split(":")[1].split(",")]
+    assert len(values) == 2 and all(v == "beyond 4r" or float(v) >= 0.5 * (1 - 1e-3) for v in values), near
     stored = pack.spell_core.load_latents(memory_file(name))[0]
     assert stored.shape == (4, 4, 8, 8)
     assert torch.equal(stored[2:], second.outputs["11"][0]["samples"])
