@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     for b in bars.values():
         b.close()
     build_s = time.time() - t0
+    build_rss = rss_mb()  # VmHWM here is the build's peak when it was built in this run
     print(f"index: {what} in {build_s:.0f} s", flush=True)
 
     model, vae, prompts = nodes["SpellDemoModelLoader"]().load()
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     shield_row, plain_row = rows[2], rows[1]
     res = {
         "n": args.n, "build": what, "build_s": round(build_s, 1), "load_s": round(load_s, 2), "r": r,
-        "backend": index.backend, "rows": rows, "rss_mb": rss_mb(), "enforced_last_run": log.enforced,
+        "backend": index.backend, "rows": rows, "rss_mb": rss_mb(), "rss_after_build_mb": build_rss, "enforced_last_run": log.enforced,
         "per_step_shield_ms": 1000 * (shield_row["median_s"] - plain_row["median_s"]) / STEPS,
         "loadavg": Path("/proc/loadavg").read_text().split()[:3], "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
@@ -179,8 +180,9 @@ def report(res, argv) -> str:
     L = ["# End to end: sampling with a million-reference shield on the demo model\n",
          f"Made by `{cmd}` on {res['machine']}, torch threads {res['threads']}, load average at the end "
          f"{' '.join(res['loadavg'])}; raw numbers in `shield_e2e.json`.\n",
-         __doc__.split("\n\n", 1)[1].split("Writes docs")[0].strip() + "\n",
-         f"Shield: {res['n']:,} references, index backend `{res['backend']}` ({res['build']}: {res['build_s']} s; "
+         __doc__.split("\n\n", 2)[2].split("Writes docs")[0].strip() + "\n",
+         f"Shield: {res['n']:,} references, index backend `{res['backend']}` ({res['build']}: {res['build_s']} s, "
+         f"augmentation and encoding included; peak memory by then {res['rss_after_build_mb'].get('VmHWM', '?')} MB; "
          f"opening it through the loader {res['load_s']} s). r = {res['r']}. Process memory at the end: "
          f"{res['rss_mb'].get('RssAnon', '?')} MB anonymous + {res['rss_mb'].get('RssFile', '?')} MB file-backed "
          f"(peak {res['rss_mb'].get('VmHWM', '?')} MB).\n",
@@ -192,7 +194,9 @@ def report(res, argv) -> str:
     L.append("")
     L.append(f"The shield adds {res['per_step_shield_ms']:.1f} ms per sampling step (median difference to SPELL "
              f"without references, over {STEPS} steps). Last shielded run: {res['enforced_last_run']} outputs "
-             f"needed the final enforcement. Whole benchmark {res['total_s']} s.\n")
+             f"needed the final enforcement. Whole benchmark {res['total_s']} s. For comparison, the paper's "
+             "approximate search over ImageNet's 1.2 M on a CPU cost 5.6x (13.54 s against 2.43 s per image) and still "
+             "left 0.16 % inside.\n")
     return "\n".join(L)
 
 
