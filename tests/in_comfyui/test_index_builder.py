@@ -49,6 +49,7 @@ def test_build_resumes_after_cancel_and_reopens(comfy, pack, monkeypatch):
     folder = image_folder("index-src", 37)
     vae = comfy.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]().load()[1]
     bar = []
+    previous_hook = comfy_utils.PROGRESS_BAR_HOOK
     comfy_utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: bar.append((value, total)))
     try:
         first = CountingVAE(vae, cancel_after=3)  # 12 images encoded: one complete shard of 8
@@ -61,7 +62,8 @@ def test_build_resumes_after_cancel_and_reopens(comfy, pack, monkeypatch):
         second = CountingVAE(vae)
         refs, summary = build(comfy, "index-src", second)
     finally:
-        comfy_utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)  # never leave Cancel pressed for the tests after this one
+        comfy_utils.set_progress_bar_global_hook(previous_hook)
     assert summary.startswith("resumed") and second.images == 37 - 8
     assert bar[-1][0] == bar[-1][1] and all(a[0] <= b[0] for a, b in zip(bar, bar[1:]) if a[1] == b[1])
     direct = torch.cat([vae.encode(torch.from_numpy(pack.spell_core.references.read_image(p, 64, 64, "center crop"))[None])
