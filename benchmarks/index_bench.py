@@ -33,6 +33,8 @@ CHANNEL_MEAN = torch.tensor([0.6, -0.2, 0.3, -0.4])  # SD-like per-channel offse
 
 
 class Synth:
+    shape = SHAPE
+
     """Clustered smooth fields: N / 100 clusters ("scenes"), sizes ∝ lognormal(0, 1) weights.
 
     A cluster is a 4×8×8 N(0, 1) centre; a member is up(centre + s·ε₈) + up(0.5·s·ε₁₆) + 0.08·ε₃₂ + channel
@@ -73,6 +75,15 @@ class Synth:
         return self.members(cells, torch.Generator().manual_seed(seed))
 
 
+def dataset(kind: str, n: int, seed: int):
+    """The references and fresh queries of a benchmark run: synthetic SD-shaped latents or demo digits."""
+    if kind == "demo":
+        from benchmarks.demo_digits import DemoDigits
+
+        return DemoDigits(n, seed)
+    return Synth(n, seed)
+
+
 def calibrate_r(seed: int = 7, m: int = 400, quantile: float = 0.03) -> float:
     """r such that ~quantile of fresh queries have a neighbour in their own cluster (N-independent: cluster
     sizes do not grow with N). Simulated with a 100k-structure Synth and each query's cluster regenerated."""
@@ -92,7 +103,9 @@ def planted(index: ReferenceIndex, m: int, r: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     k = torch.randint(0, len(index), (m,), generator=g)
     z = index.get(k)
-    e = F.interpolate(torch.randn(m, 4, 8, 8, generator=g), size=(32, 32), mode="bilinear") + 0.3 * torch.randn(m, *SHAPE, generator=g)
+    shape = tuple(z.shape[1:])
+    low = torch.randn(m, shape[0], max(1, shape[1] // 4), max(1, shape[2] // 4), generator=g)
+    e = F.interpolate(low, size=shape[1:], mode="bilinear") + 0.3 * torch.randn(m, *shape, generator=g)
     e = e / e.reshape(m, -1).pow(2).mean(1).sqrt().view(m, 1, 1, 1)
     u = 0.3 + 0.65 * torch.rand(m, generator=g)
     return z + u.view(m, 1, 1, 1) * r * e
@@ -209,7 +222,7 @@ def worker_query(args) -> dict:
     index = ReferenceIndex.load(args.data)
     load = time.perf_counter() - t
     n, r = len(index), args.r
-    synth = Synth(n, seed=args.seed)
+    synth = dataset(args.kind, n, args.seed)
     sets = {"random": synth.queries(args.queries, seed=args.seed + 1), "planted": planted(index, args.planted, r, args.seed + 2)}
     res = {"n": n, "r": r, "load_s": load, "rss_base": rss(), "load_before": loadavg(),
            "threads": torch.get_num_threads()}
@@ -219,7 +232,7 @@ def worker_query(args) -> dict:
         times, pairs = timed_steps(exact(index), x)
         cand = annulus = 0
         for a in range(0, len(x), B):
-            cand += len(index.candidates(x[a:a + B].reshape(-1, int(np.prod(SHAPE))), r)[0])
+            cand += len(index.candidates(x[a:a + B].reshape(len(x[a:a + B]), -1), r)[0])
             annulus += index.subcells.scanned
         res[f"cascade_{name}"] = {"ms": ms(times), "p95": f"{1000 * np.quantile(times, 0.95):.1f}",
                                   "median": f"{1000 * np.median(times):.1f}", "cpu_ms": ms(CPU_MS),
@@ -308,6 +321,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nprobe", type=int, default=8, help="lists probed by the approximate IVF baseline")
     ap.add_argument("--brute-steps", type=int, default=1, help="steps timed for brute force")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kind", choices=["synth", "demo"], default="synth",
+                    help="synth: SD-shaped synthetic latents; demo: augmented demo digits (benchmarks/demo_digits.py)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of the query worker (1: on a shared machine more threads spin at barriers)")
     ap.add_argument("--reuse-builds", action="store_true",
@@ -322,6 +337,8 @@ def main(argv=None) -> int:
         print(json.dumps(fn(args)))
         return 0
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.kind == "demo" and not args.r:
+        ap.error("--kind demo needs --r (e.g. the radius docs/shield_e2e.md calibrated on the demo model)")
     r = args.r or calibrate_r()
     print(f"r = {r:.4f} (RMS)", file=sys.stderr)
     rows, prior = [], {}
@@ -329,12 +346,12 @@ def main(argv=None) -> int:
     if (args.merge or args.reuse_builds) and jpath.is_file():
         prior = {row["n"]: row for row in json.loads(jpath.read_text())["rows"]}
     for n in args.sizes:
-        data = Path(args.scratch) / f"n{n}"
-        synth = Synth(n, seed=args.seed)
+        data = Path(args.scratch) / (f"n{n}" if args.kind == "synth" else f"{args.kind}_n{n}")
+        synth = dataset(args.kind, n, args.seed)
         t = time.perf_counter()
         build_shards(synth.source(16384), data, shard_size=16384, total=n, bar=True)
         gen = time.perf_counter() - t
-        common = ["--data", str(data), "--dim", str(args.dim), "--seed", str(args.seed)]
+        common = ["--data", str(data), "--dim", str(args.dim), "--seed", str(args.seed), "--kind", args.kind]
         if args.reuse_builds and n in prior and (data / "index.safetensors").is_file():
             b = {k: prior[n][k] for k in ("build_s", "peak_rss_mb", "cells")}
         else:
@@ -357,6 +374,20 @@ def main(argv=None) -> int:
     return 0
 
 
+DATA_TEXT = {
+    "synth": f"""Data: synthetic SD-shaped latents {SHAPE} (see `benchmarks/index_bench.py: Synth`): N / 100 clusters with
+lognormal sizes; a member is a bilinearly upsampled 8×8 field (cluster centre plus per-cluster spread) plus an
+upsampled 16×16 detail field plus 0.08 white noise, so most energy is spatially smooth as in VAE latents.""",
+    "demo": """Data: the demo model's training digits, augmented to N (`benchmarks/demo_digits.py`: rotation ±12°, scale
+±10 %, shift ±1.2 px, contrast, pixel noise) and encoded by the demo VAE to [4, 8, 8] latents; random queries are
+fresh augmentations of the held-out digits.""",
+}
+R_TEXT = {
+    "synth": ", calibrated so about 3 % of fresh queries from the same distribution have a neighbour",
+    "demo": ", the shield radius `docs/shield_e2e.md` calibrated on the demo model's own samples",
+}
+
+
 def report(rows, r, cmd, args) -> str:
     import platform
 
@@ -365,19 +396,17 @@ def report(rows, r, cmd, args) -> str:
 Made by `{cmd}` on {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch
 {torch.__version__}; raw numbers in `{Path(args.out).with_suffix('.json').name}`.
 
-Data: synthetic SD-shaped latents {SHAPE} (see `benchmarks/index_bench.py: Synth`): N / 100 clusters with
-lognormal sizes; a member is a bilinearly upsampled 8×8 field (cluster centre plus per-cluster spread) plus an
-upsampled 16×16 detail field plus 0.08 white noise, so most energy is spatially smooth as in VAE latents. Stored
-as float32 safetensors shards, read with positioned reads. Queries per step: B = {B}. r = {r:.4f} (RMS), calibrated so about
-3 % of fresh queries from the same distribution have a neighbour; "planted" queries are a reference plus a
-perturbation of RMS 0.3 r to 0.95 r, so every one of them is inside the shield.
+{DATA_TEXT[args.kind]} Stored
+as float32 safetensors shards, read with positioned reads. Queries per step: B = {B}. r = {r:.4f} (RMS){R_TEXT[args.kind]};
+"planted" queries are a reference plus a perturbation of RMS 0.3 r to 0.95 r, so every one of them is inside the
+shield.
 
 Index (`backend="cascade"`, the default): k-means cells whose centres lie in the top-256 PCA subspace, so
 distances to them are exact full-space distances; the triangle inequality cuts each cell to an annulus
 (stage 1), the PCA-{args.dim} feature bound (33 floats a row) and the 256-dim PCA bound plus residual norm on
 float16 coordinates prune its survivors (stage 2), then an exact float32 recheck of the candidates read from the
 shards. Cells: two-level k-means (N / 64 cells) on the 256-dim coordinates, cells wider than 2× the median
-reference-to-centre distance re-clustered into ~8-row cells (3 rounds).
+reference-to-centre distance re-clustered into ~8-row cells, down to pairs (6 rounds).
 Misses are counted against an exact brute force over all N full latents (float32 matmul with a margin 10× the
 worst-case float error, every pair under the margin recomputed with `rms_cdist`). "faiss IVF approx" is
 IndexIVFFlat on the PCA-{args.dim} features with nprobe = {args.nprobe}, the kind of approximate search the paper used.

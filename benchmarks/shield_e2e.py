@@ -22,12 +22,10 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,27 +35,9 @@ BATCH, STEPS, CFG = 8, 20, 4.0
 
 def augmented_digits(n: int, seed: int = 0, block: int = 16384):
     """source(start) for build_shards: deterministic per block, so a resumed build writes the same rows."""
-    from demo.data import digits_split, images16_to_latents
+    from benchmarks.demo_digits import DemoDigits
 
-    train = (digits_split()["train"][0] + 1) / 2  # [1437, 1, 16, 16] in 0..1, background 0
-
-    def source(start: int):
-        assert start % block == 0
-        for a in range(start, n, block):
-            m = min(block, n - a)
-            g = torch.Generator().manual_seed(seed * 1_000_003 + a)
-            idx = torch.randint(len(train), (m,), generator=g)
-            ang = (torch.rand(m, generator=g) * 2 - 1) * math.radians(12)
-            sc = 1 + (torch.rand(m, generator=g) * 2 - 1) * 0.1
-            shift = (torch.rand(2, m, generator=g) * 2 - 1) * 0.15  # of the half-width: ±1.2 px
-            cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
-            theta = torch.stack([torch.stack([cos, -sin, shift[0]], 1), torch.stack([sin, cos, shift[1]], 1)], 1)
-            grid = F.affine_grid(theta, (m, 1, 16, 16), align_corners=False)
-            img = F.grid_sample(train[idx], grid, align_corners=False, padding_mode="zeros")
-            img = img * (0.85 + 0.3 * torch.rand(m, 1, 1, 1, generator=g))
-            img = img + 0.03 * torch.randn(img.shape, generator=g)
-            yield images16_to_latents(img.clamp(0, 1) * 2 - 1)
-    return source
+    return DemoDigits(n, seed).source(block)
 
 
 def nearest_brute(x: torch.Tensor, index, chunk: int = 65536) -> torch.Tensor:
