@@ -79,7 +79,7 @@ def main():
     def guided(loss, strength, count=None):
         if loss == "unguided":
             return model
-        return nodes["SpellDistributionGuidance"]().patch(model, heads, TARGET, strength, loss, 8.0, "chi-square", 0.8,
+        return nodes["SpellDistributionGuidance"]().patch(model, heads, TARGET, strength, loss, 8.0, "chi-square",
                                                           count=count)[0]
 
     def evaluate(lat):

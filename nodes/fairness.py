@@ -348,16 +348,14 @@ class SpellDistributionGuidance:
                     "images degrade. Demo model: 100 for the per-image losses; the batch mean needs ~10x more."}),
                 "loss": (list(LOSSES), {"default": "per-image assignment", "tooltip":
                     "batch mean: Distribution Guidance (Parihar et al. 2024), matches the mean prediction of the "
-                    "batch (needs large batches). per-image assignment: Shen et al. 2024, gives each image a target "
-                    "class so the batch matches exactly. per-image draw: classifier guidance to a class drawn at "
+                    "batch (needs large batches). per-image assignment: Shen et al. 2024, gives the batch whole seats "
+                    "per class nearest the target (leftover seats by the seed) and each image the seat nearest its "
+                    "current class, so the batch matches exactly. per-image draw: classifier guidance to a class drawn at "
                     "random per image (the baseline)."}),
                 "temperature": ("FLOAT", {"default": 8.0, "min": 0.1, "max": 100.0, "step": 0.1, "tooltip":
                     "T of the batch-mean loss's softmax (paper: 8)."}),
                 "divergence": (list(DIVERGENCES), {"default": "chi-square", "tooltip":
                     "Batch mean: chi-square (face model in the paper) or KL (its SD version)."}),
-                "confidence": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
-                    "Per-image assignment: guide only images whose assignment agrees over draws at least this "
-                    "often (paper: 0.8)."}),
             },
             "optional": {
                 "count": ("SPELL_FAIRNESS_COUNT", {"tooltip": "A running count: steer each batch so the cumulative "
@@ -365,11 +363,11 @@ class SpellDistributionGuidance:
             },
         }
 
-    def patch(self, model, heads, target, strength, loss, temperature, divergence, confidence, count=None):
+    def patch(self, model, heads, target, strength, loss, temperature, divergence, count=None):
         check_unet(self.NODE_ID, model)
         try:
             p = parse_target(target, heads.classes)
-            config = FairConfig(loss, strength, temperature, divergence, confidence)
+            config = FairConfig(loss, strength, temperature, divergence)
             if count is not None:
                 count.counts(heads.classes)
         except ValueError as e:

@@ -3,9 +3,9 @@
 Two losses on timestep-aware attribute heads over the middle-block features h:
 - batch mean: Distribution Guidance ("Balancing Act", Parihar et al., CVPR 2024, arXiv 2404.04253):
   p̂ = mean_i softmax(head(h_i) / T); L = Σ_k (p̂_k − q_k)² / q_k (chi-square) or KL(p̂ ‖ q).
-- per-image assignment: distributional alignment (Shen et al., ICLR 2024, arXiv 2311.07604): target labels
-  drawn from the batch target, assigned to images by an exact assignment (a sort for two classes), averaged over
-  draws to q_i; L = (1/B) Σ_i 1[max q_i ≥ C] CE(head(h_i), argmax q_i).
+- per-image assignment: distributional alignment (Shen et al., ICLR 2024, arXiv 2311.07604): the batch's target
+  labels (whole seats per class, ``batch_counts``) are assigned to the images by an exact assignment on their
+  predicted class probabilities (a sort for two classes); L = (1/B) Σ_i CE(head(h_i), y_i).
 - per-image draw: plain classifier guidance toward one label per image drawn i.i.d. from the target (baseline).
 
 The update is h ← h − η ∇_h L, differentiating only the heads. The assignment always works on a whole batch
@@ -139,19 +139,6 @@ def assign(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def assignment_targets(probs: torch.Tensor, p: torch.Tensor, draws: int, generator: torch.Generator | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [B], confidence [B]): the assignment averaged over draws of batch labels, q_i; y = argmax q_i, c = max q_i."""
-    b, k = probs.shape
-    q = torch.zeros(b, k, dtype=torch.float64)
-    for _ in range(draws):
-        y = assign(probs, stratified_labels(p, b, generator))
-        q += F.one_hot(y, k).double()
-    q /= draws
-    conf, y = q.max(1)
-    return y, conf
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Losses (all on logits [B, K]; gradients reach h only through the heads)
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,11 +157,10 @@ def batch_mean_loss(logits: torch.Tensor, q: torch.Tensor, temperature: float = 
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
 
 
-def assignment_loss(logits: torch.Tensor, y: torch.Tensor, confidence: torch.Tensor, threshold: float = 0.8) -> torch.Tensor:
-    """(1/B) Σ_i 1[c_i ≥ C] CE(logits_i, y_i) (Shen et al. eq. for L_align)."""
-    keep = (confidence.to(logits.device) >= threshold).to(logits.dtype)
-    ce = F.cross_entropy(logits, y.to(logits.device), reduction="none")
-    return (keep * ce).sum() / logits.shape[0]
+def assignment_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(1/B) Σ_i CE(logits_i, y_i) (Shen et al.'s L_align; their confidence threshold selects images whose labels
+    agree over random draws, and with a whole batch target every draw is the same, so it is not needed here)."""
+    return F.cross_entropy(logits, y.to(logits.device), reduction="mean")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,15 +365,13 @@ def bucket_sigmas(percent_to_sigma, buckets: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class FairConfig:
-    """loss: one of LOSSES; strength η: logit units per guided call (0 = off); temperature T (batch mean);
-    divergence (batch mean); threshold C (assignment); draws: label draws averaged by the assignment."""
+    """loss: one of LOSSES; strength η: logit units per guided call (0 = off); temperature T and divergence of
+    the batch mean."""
 
     loss: str = "batch mean"
     strength: float = 1.0
     temperature: float = 8.0
     divergence: str = "chi-square"
-    threshold: float = 0.8
-    draws: int = 16
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -398,8 +382,6 @@ class FairConfig:
             raise ValueError(f"strength must be a finite number ≥ 0, got {self.strength}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.threshold <= 1:
-            raise ValueError(f"confidence threshold must be within 0..1, got {self.threshold}")
 
 
 @dataclass
@@ -441,10 +423,10 @@ class FairRun:
         if cfg.loss == "batch mean":
             return batch_mean_loss(logits, self.q, cfg.temperature, cfg.divergence)
         if cfg.loss == "per-image assignment":
-            y, conf = assignment_targets(self.accumulate(logits), self.q, cfg.draws, self.generator)
-            return assignment_loss(logits, y, conf, cfg.threshold)
-        labels = self.draw_labels[: logits.shape[0]]
-        return assignment_loss(logits, labels, torch.ones(labels.shape), 0.0)
+            # the run's whole seats (q·B); a chunk of another size (ComfyUI may split a batch) draws its share
+            labels = stratified_labels(self.q, logits.shape[0], self.generator)
+            return assignment_loss(logits, assign(self.accumulate(logits), labels))
+        return assignment_loss(logits, self.draw_labels[: logits.shape[0]])
 
     def accumulate(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities [B, K] from all guided calls so far (normalised geometric mean), so that assignments

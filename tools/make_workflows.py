@@ -58,7 +58,7 @@ GRAPHS = {
         7: ("SpellFairnessCount", {"name": "demo", "reset": False}, {}),
         10: ("SpellDistributionGuidance", {"target": ", ".join(f"{d}: 0.1" for d in range(10)), "strength": 100.0,
                                            "loss": "per-image assignment", "temperature": 8.0,
-                                           "divergence": "chi-square", "confidence": 0.8},
+                                           "divergence": "chi-square"},
              {"model": (1, 0), "heads": (6, 0), "count": (7, 0)}),
         11: ("KSampler", SAMPLER, {"model": (10, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}),
         12: ("VAEDecode", {}, {"samples": (11, 0), "vae": (1, 1)}),

@@ -117,10 +117,11 @@ def test_multiclass_assignment_is_optimal_against_brute_force(seed):
     assert assignment_cost(probs, y) == pytest.approx(best, abs=1e-9)
 
 
-def test_assignment_targets_follow_the_images():
+def test_whole_seats_are_assigned_to_the_nearest_images():
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
-    y, conf = F.assignment_targets(probs, torch.tensor([0.5, 0.5]), draws=4)
-    assert y.tolist() == [0, 1, 0, 1] and conf.tolist() == [1.0] * 4
+    labels = F.stratified_labels(torch.tensor([0.5, 0.5]), 4)
+    assert labels.tolist() == [0, 0, 1, 1]  # whole: no draw
+    assert F.assign(probs, labels).tolist() == [0, 1, 0, 1]
 
 
 def test_batch_mean_loss_is_zero_at_target_and_its_gradient_points_toward_it():
@@ -141,11 +142,11 @@ def test_batch_mean_loss_gradient_matches_finite_differences():
         assert torch.autograd.gradcheck(lambda z: F.batch_mean_loss(z, q, 2.0, div), (x,))
 
 
-def test_assignment_loss_ignores_unconfident_images():
+def test_assignment_loss_pulls_each_image_toward_its_label():
     logits = torch.zeros(3, 2, requires_grad=True)
-    F.assignment_loss(logits, torch.tensor([0, 1, 1]), torch.tensor([0.9, 0.5, 1.0]), 0.8).backward()
-    assert torch.equal(logits.grad[1], torch.zeros(2))
-    assert logits.grad[0, 0] < 0 and logits.grad[2, 1] < 0
+    F.assignment_loss(logits, torch.tensor([0, 1, 1])).backward()
+    assert logits.grad[0, 0] < 0 and logits.grad[1, 1] < 0 and logits.grad[2, 1] < 0
+    torch.testing.assert_close(logits.grad.sum(1), torch.zeros(3))
 
 
 def toy_heads(classes=("a", "b"), levels=3, channels=4, seed=0):

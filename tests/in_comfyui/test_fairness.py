@@ -24,7 +24,7 @@ def graph(strength=100.0, target=TARGET, loss="per-image assignment", batch=8, s
             "overwrite": True, "images": ["5", 0], "labels": ["5", 1]}},
         "10": {"class_type": "SpellDistributionGuidance", "inputs": {
             "model": ["1", 0], "heads": ["6", 0], "target": target, "strength": strength, "loss": loss,
-            "temperature": 8.0, "divergence": "chi-square", "confidence": 0.8}},
+            "temperature": 8.0, "divergence": "chi-square"}},
         "11": {"class_type": "KSampler", "inputs": {
             "model": ["10", 0], "seed": seed, "steps": 10, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
             "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
@@ -153,4 +153,4 @@ def test_models_without_a_middle_block_are_refused(comfy, pack):
                                                      torch.zeros(1, 2, 4), torch.zeros(1, 2), 1, 4)
     node = comfy.NODE_CLASS_MAPPINGS["SpellDistributionGuidance"]()
     with pytest.raises(ValueError, match="SpellDistributionGuidance: .*no U-Net middle block.*DiT"):
-        node.patch(model, heads, "a: 1", 1.0, "batch mean", 8.0, "chi-square", 0.8)
+        node.patch(model, heads, "a: 1", 1.0, "batch mean", 8.0, "chi-square")
