@@ -29,6 +29,16 @@ if SETS not in folder_paths.folder_names_and_paths:
     folder_paths.folder_names_and_paths[SETS] = ([os.path.join(folder_paths.models_dir, SETS)], {".safetensors"})
 
 
+# How images are fitted before encoding (the loader and the index builder)
+SIZE_INPUTS = {
+    "width": ("INT", {"default": 512, "min": 8, "max": 16384, "step": 8, "tooltip":
+        "Generation width: images are fitted to it before encoding (must match the sampler's latent)."}),
+    "height": ("INT", {"default": 512, "min": 8, "max": 16384, "step": 8, "tooltip": "Generation height."}),
+    "resize": (list(RESIZE_MODES), {"tooltip": "center crop: crop the centred window of the target aspect ratio, "
+                                               "then resize (Lanczos). stretch: resize only."}),
+}
+
+
 def input_folders() -> list[str]:
     """Sub-folders of ComfyUI's input directory that hold images (one level deep)."""
     base = Path(folder_paths.get_input_directory())
@@ -80,11 +90,7 @@ class SpellProtectedSetLoader:
                     "A set saved with SPELL Protected Set Save (models/spell_sets/*.safetensors), or an index folder "
                     "there (models/spell_sets/<name>/, built by SPELL Protected Set Index Builder or "
                     "`python -m spell_core.index build`) for large sets."}),
-                "width": ("INT", {"default": 512, "min": 8, "max": 16384, "step": 8, "tooltip":
-                    "Generation width: images are fitted to it before encoding (must match the sampler's latent)."}),
-                "height": ("INT", {"default": 512, "min": 8, "max": 16384, "step": 8, "tooltip": "Generation height."}),
-                "resize": (list(RESIZE_MODES), {"tooltip": "center crop: crop the centred window of the target aspect "
-                                                           "ratio, then resize (Lanczos). stretch: resize only."}),
+                **SIZE_INPUTS,
             },
             "optional": {
                 "vae": ("VAE", {"tooltip": "The VAE of the model you sample with; needed for folders and images."}),
@@ -219,11 +225,7 @@ class SpellProtectedSetIndexBuilder:
             "vae": ("VAE", {"tooltip": "The VAE of the model you sample with."}),
             "name": ("STRING", {"default": "protected_index", "tooltip":
                 "Index folder name under models/spell_sets (shown by the loader as '<name>/')."}),
-            "width": ("INT", {"default": 512, "min": 8, "max": 16384, "step": 8, "tooltip":
-                "Generation width: images are fitted to it before encoding (must match the sampler's latent)."}),
-            "height": ("INT", {"default": 512, "min": 8, "max": 16384, "step": 8, "tooltip": "Generation height."}),
-            "resize": (list(RESIZE_MODES), {"tooltip": "center crop: crop the centred window of the target aspect "
-                                                       "ratio, then resize (Lanczos). stretch: resize only."}),
+            **SIZE_INPUTS,
             "batch_size": ("INT", {"default": 8, "min": 1, "max": 512, "tooltip":
                 "Images encoded per VAE call (more is faster on a GPU, uses more memory)."}),
             "backend": (list(BACKENDS), {"tooltip": "Search backend; auto picks the fastest exact one for the set's "

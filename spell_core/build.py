@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -119,3 +120,27 @@ def build_from_images(folder: str | os.PathLike, out: str | os.PathLike, width: 
     record = describe_source(files, {"width": width, "height": height, "resize": mode, "encoder": encoder})
     return build_index_folder(image_source(files, width, height, mode, encode, batch), len(files), out, record,
                               **kwargs)
+
+
+def cli_build(build: Callable[[StageProgress], tuple[ReferenceIndex, str]], out, quiet_stages: Sequence[str] = ()) -> int:
+    """Command-line wrapper: runs build(progress) with one tqdm bar per stage (except quiet_stages, which show
+    their own), turns a StorageError into a one-line exit message, and reports what was built."""
+    from tqdm import tqdm
+
+    bars = {}
+
+    def progress(stage, done, total):
+        if stage not in quiet_stages:
+            bar = bars.setdefault(stage, tqdm(total=total, desc=stage, unit="latent", dynamic_ncols=True))
+            bar.update(done - bar.n)
+
+    try:
+        index, what = build(progress)
+    except StorageError as e:
+        raise SystemExit(f"error: {e}")
+    finally:
+        for bar in bars.values():
+            bar.close()
+    print(f"{what}: {len(index)} latents of shape {tuple(index.item_shape)} ({index.backend}) in {out}",
+          file=sys.stderr)
+    return 0

@@ -1101,32 +1101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--dim", type=int, default=32, help="PCA dimensions of the lower-bound features")
     b.add_argument("--overwrite", action="store_true", help="replace an index in --out built from other files")
     args = ap.parse_args(argv)
-    from tqdm import tqdm
-
-    from .build import build_index_folder, describe_source
+    from .build import build_index_folder, cli_build, describe_source
 
     files = latent_files(args.latents_dir)
     source, total = folder_source(files)
     record = describe_source(files, {"kind": "latent files", "dim": args.dim, "projection": args.projection})
-    bars = {}
-
-    def progress(stage, done, total_):
-        if stage == "index":  # the shard stage has its own bar (bar=True)
-            pbar = bars.setdefault(stage, tqdm(total=total_, unit="latent", desc="index", dynamic_ncols=True))
-            pbar.update(done - pbar.n)
-
-    try:
-        index, what = build_index_folder(source, total, args.out, record, shard_size=args.shard_size,
-                                         backend=args.backend, overwrite=args.overwrite, progress=progress, bar=True,
-                                         index_options={"projection": args.projection, "dim": args.dim})
-    except StorageError as e:
-        raise SystemExit(f"error: {e}")
-    finally:
-        for pbar in bars.values():
-            pbar.close()
-    print(f"{what}: {len(index)} latents of shape {index.item_shape} ({index.backend}) in {args.out}",
-          file=sys.stderr)
-    return 0
+    return cli_build(lambda progress: build_index_folder(
+        source, total, args.out, record, shard_size=args.shard_size, backend=args.backend, overwrite=args.overwrite,
+        progress=progress, bar=True, index_options={"projection": args.projection, "dim": args.dim}),
+        args.out, quiet_stages=("encode",))  # the shard writer shows its own bar
 
 
 if __name__ == "__main__":

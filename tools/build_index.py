@@ -52,29 +52,11 @@ def main(argv=None) -> int:
 
     comfy_host.start(tempfile.mkdtemp(prefix="spell-build-index-"))
     spell_core = comfy_host.pack_module().spell_core
-    from tqdm import tqdm
-
     vae = load_vae(args.vae)
-    bars = {}
-
-    def progress(stage, done, total):
-        bar = bars.setdefault(stage, tqdm(total=total, unit="image" if stage == "encode" else "latent", desc=stage,
-                                          dynamic_ncols=True))
-        bar.update(done - bar.n)
-
-    try:
-        index, what = spell_core.build.build_from_images(
-            Path(args.images), Path(args.out), args.width, args.height, args.resize, vae.encode,
-            spell_core.references.fingerprint_tensors(vae.get_sd()), batch=args.batch_size,
-            shard_size=args.shard_size, backend=args.backend, overwrite=args.overwrite, progress=progress)
-    except spell_core.StorageError as e:
-        raise SystemExit(f"error: {e}")
-    finally:
-        for bar in bars.values():
-            bar.close()
-    print(f"{what}: {len(index)} latents of shape {tuple(index.item_shape)} ({index.backend}) in {args.out}",
-          file=sys.stderr)
-    return 0
+    return spell_core.build.cli_build(lambda progress: spell_core.build.build_from_images(
+        Path(args.images), Path(args.out), args.width, args.height, args.resize, vae.encode,
+        spell_core.references.fingerprint_tensors(vae.get_sd()), batch=args.batch_size, shard_size=args.shard_size,
+        backend=args.backend, overwrite=args.overwrite, progress=progress), args.out)
 
 
 if __name__ == "__main__":
