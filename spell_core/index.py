@@ -337,23 +337,7 @@ class ClusterCells:
         """Two-level k-means on y [N, d]: ~sqrt(cells) coarse cells, each split in proportion to its size, so
         the build costs O(N·sqrt(cells)) -> (cells, order [N] of rows sorted by cell and s). Any assignment
         is exact; a good one only makes the pruning tighter."""
-        n = y.shape[0]
-        cells = max(1, min(cells, n))
-        coarse, a1 = kmeans(y, max(1, round(math.sqrt(cells))), seed)
-        by = torch.argsort(a1, stable=True)
-        sizes = torch.bincount(a1, minlength=len(coarse)).tolist()
-        labels = torch.empty(n, dtype=torch.long)
-        cents, base, at = [], 0, 0
-        for c, size in enumerate(sizes):
-            rows = by[at:at + size]
-            at += size
-            if size == 0:
-                continue
-            cf, af = kmeans(y[rows], max(1, round(size * cells / n)), seed + c + 1)
-            labels[rows] = af + base
-            cents.append(cf)
-            base += len(cf)
-        cent = torch.cat(cents)
+        labels, cent = two_level_kmeans(y, cells, seed)
         s = (y - cent[labels]).double().pow(2).sum(1).sqrt().float()
         order = torch.from_numpy(np.lexsort((s.numpy(), labels.numpy())))
         off = torch.zeros(len(cent) + 1, dtype=torch.long)
@@ -426,16 +410,16 @@ def nearest_centroid(y: torch.Tensor, cent: torch.Tensor, chunk: int = 65536) ->
                       for a in range(0, y.shape[0], chunk)]) if y.shape[0] else torch.zeros(0, dtype=torch.long)
 
 
-def two_level_labels(y: torch.Tensor, cells: int, seed: int = 0) -> torch.Tensor:
-    """Two-level k-means labels [N] of y [N, d] (as in ClusterCells.fit): ~sqrt(cells) coarse cells, each split
-    in proportion to its size, so the build costs O(N·sqrt(cells)). Labels may skip ids (empty cells)."""
+def two_level_kmeans(y: torch.Tensor, cells: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-level k-means of y [N, d]: ~sqrt(cells) coarse cells, each split in proportion to its size, so the
+    build costs O(N·sqrt(cells)) -> (labels [N], centroids [C, d]). Every label has its centroid row."""
     n = y.shape[0]
     cells = max(1, min(cells, n))
     coarse, a1 = kmeans(y, max(1, round(math.sqrt(cells))), seed)
     by = torch.argsort(a1, stable=True)
     sizes = torch.bincount(a1, minlength=len(coarse)).tolist()
     labels = torch.empty(n, dtype=torch.long)
-    base, at = 0, 0
+    cents, base, at = [], 0, 0
     for c, size in enumerate(sizes):
         rows = by[at:at + size]
         at += size
@@ -443,8 +427,9 @@ def two_level_labels(y: torch.Tensor, cells: int, seed: int = 0) -> torch.Tensor
             continue
         cf, af = kmeans(y[rows], max(1, round(size * cells / n)), seed + c + 1)
         labels[rows] = af + base
+        cents.append(cf)
         base += len(cf)
-    return labels
+    return labels, torch.cat(cents)
 
 
 class SubspaceCells:
@@ -504,7 +489,7 @@ class SubspaceCells:
         SD latents: splitting cells of 2-8 rows too cut the rows left by the annulus from 215k to 30k per step
         for 46 % more cells)."""
         n = p.shape[0]
-        labels = two_level_labels(p, cells, seed)
+        labels = two_level_kmeans(p, cells, seed)[0]
         for rnd in range(rounds + 1):
             _, labels = torch.unique(labels, return_inverse=True)
             ncell = int(labels.max()) + 1
