@@ -235,8 +235,12 @@ class SpellProtectedSetIndexBuilder:
         }}
 
     @classmethod
-    def IS_CHANGED(cls, folder, **kwargs):
-        return folder_stamp(folder)
+    def IS_CHANGED(cls, folder, name, **kwargs):
+        """Re-run when the images change or the index folder was changed or removed outside this node."""
+        index = Path(folder_paths.get_folder_paths(SETS)[0], name.strip(), "index.safetensors")
+        plain = name.strip() not in ("", ".", "..") and not any(c in name for c in "/\\")
+        stamp = index.stat().st_mtime_ns if plain and index.is_file() else None
+        return f"{folder_stamp(folder)}:{stamp}"
 
     def build(self, folder, vae, name, width, height, resize, batch_size, backend, overwrite):
         if width % 8 or height % 8:

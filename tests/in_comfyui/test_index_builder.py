@@ -92,8 +92,11 @@ def test_another_source_is_refused_and_kept_unless_overwrite(comfy):
     with pytest.raises(ValueError, match="SpellProtectedSetIndexBuilder: .*another source.*overwrite"):
         build(comfy, "index-b", vae, name="shared")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    node = comfy.NODE_CLASS_MAPPINGS["SpellProtectedSetIndexBuilder"]
+    stamp = node.IS_CHANGED("index-b", "shared")
     refs, summary = build(comfy, "index-b", vae, name="shared", overwrite=True)
     assert len(refs) == 6 and summary.startswith("built")
+    assert node.IS_CHANGED("index-b", "shared") != stamp  # a rebuilt (or removed) index re-runs the node
     for bad in ("../escape", "a/b", " "):
         with pytest.raises(ValueError, match="SpellProtectedSetIndexBuilder: .*plain folder name"):
             build(comfy, "index-a", vae, name=bad)
