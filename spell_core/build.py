@@ -21,7 +21,7 @@ import torch
 
 from .index import INDEX_FILE, MANIFEST, ReferenceIndex, build_shards
 from .references import list_images, read_image
-from .storage import StorageError, check_finite
+from .storage import StorageError, atomic_write_json, check_finite
 
 SOURCE_FILE = "source.json"
 StageProgress = Callable[[str, int, int], None]  # (stage "encode" | "index", done, total)
@@ -96,9 +96,7 @@ def build_index_folder(source, total: int, out: str | os.PathLike, record: dict,
     if existing and (out / INDEX_FILE).is_file():
         return ReferenceIndex.load(out), "already built from the same files: opened as is"
     resumed = any(p.name.startswith("shard-") for p in existing)
-    tmp = src.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, src)
+    atomic_write_json(src, record)
 
     def stage(name):
         return None if progress is None else (lambda done, tot: progress(name, done, total))

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .storage import atomic_save, atomic_write_json, read_safetensors
 
 LOSSES = ("batch mean", "per-image assignment", "per-image draw")
 DIVERGENCES = ("chi-square", "KL")
@@ -233,35 +234,16 @@ class AttributeHeads:
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomic safetensors write; the class names and settings go into the metadata."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state().items()}
         header = {"format": HEADS_FORMAT, "classes": json.dumps(self.classes), "grid": str(self.grid),
                   "channels": str(self.channels), "accuracy": json.dumps(self.accuracy), "meta": json.dumps(self.meta)}
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_save(tensors, path, header)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AttributeHeads":
         """Reads a file written by save; ValueError naming the file when it is not one."""
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
-
         path = Path(path)
-        try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), "pt") as f:
-                header = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ValueError(f"{path.name} is not a readable safetensors file ({e})") from e
+        tensors, header = read_safetensors(path)  # StorageError (a ValueError) naming the file
         if header.get("format") != HEADS_FORMAT or set(tensors) != {"sigmas", "mean", "std", "weight", "bias"}:
             raise ValueError(f"{path.name} is a safetensors file but not SPELL attribute heads")
         if not all(torch.isfinite(t).all() for t in tensors.values()):
@@ -505,11 +487,7 @@ class FairnessCount:
         with self._lock:
             state = {"format": COUNT_FORMAT, "classes": list(classes), "counts": [int(c) for c in counts],
                      "runs": int(self._read()["runs"]) + 1}
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump(state, f)
-            os.replace(tmp, self.path)
+            atomic_write_json(self.path, state)
             self._state = state
         return counts
 

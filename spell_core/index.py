@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .repellency import flat32, rms_cdist
-from .storage import StorageError, atomic_save, check_finite, save_latents
+from .storage import StorageError, atomic_save, atomic_write_json, check_finite, save_latents
 
 try:  # optional
     import faiss
@@ -1024,9 +1024,7 @@ def build_shards(source: Iterable[torch.Tensor] | Callable[[int], Iterable[torch
         if not p.exists():
             break
         p.unlink()
-    tmp = manifest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"shards": files, "rows": done, "shard_size": shard_size}))
-    os.replace(tmp, manifest)
+    atomic_write_json(manifest, {"shards": files, "rows": done, "shard_size": shard_size})
     return [out / f for f in files]
 
 

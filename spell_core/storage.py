@@ -40,10 +40,37 @@ def atomic_save(tensors: dict, path: str | os.PathLike, metadata: dict) -> None:
             os.unlink(tmp)
 
 
+def atomic_write_json(path: str | os.PathLike, value) -> None:
+    """Writes value as JSON to path through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def save_latents(path: str | os.PathLike, latents: torch.Tensor, meta: dict | None = None) -> None:
     """Writes {"latents": [N, ...]} with JSON metadata atomically."""
     header = {"format": FORMAT, "meta": json.dumps(meta or {})}
     atomic_save({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, path, header)
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a safetensors file; StorageError naming the file when it is not one (never unpickles)."""
+    from safetensors import safe_open
+
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise StorageError(f"{path} is not a readable safetensors file ({e})") from e
+    return tensors, header
 
 
 def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
@@ -51,14 +78,7 @@ def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
     path = Path(path)
     if not path.is_file():
         raise StorageError(f"{path} does not exist")
-    try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise StorageError(f"{path} is not a readable safetensors file ({e})") from e
+    tensors, header = read_safetensors(path)
     if header.get("format") != FORMAT or "latents" not in tensors:
         raise StorageError(f"{path} is a safetensors file but not a SPELL latent set (format {header.get('format')!r})")
     latents = tensors["latents"].float()
