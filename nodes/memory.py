@@ -3,11 +3,12 @@
 State lives in ``spell_core.memory`` (a registry keyed by file, and the file itself under ComfyUI's user
 directory, ``user/spell/memory/<name>.safetensors``), never in the node, so output caching and
 ``clone()`` cannot lose it; ``SpellRepellency`` reads it at the start of every run and appends to it at
-the end.
+the end. ``SpellBatchMemory.IS_CHANGED`` returns the file's state, so a run after the memory changed
+re-executes the memory node and everything downstream even with every widget and the seed unchanged;
+a graph whose memory did not change stays cached.
 """
 from __future__ import annotations
 
-import math
 import re
 
 from ..spell_core import open_memory
@@ -16,12 +17,39 @@ from .common import SpellInputError, user_folder
 NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-def memory_for(node_id: str, name: str, capacity: int):
+def memory_path(node_id: str, name: str):
     if not NAME_RULE.match(name) or ".." in name:
         raise SpellInputError(node_id, f"memory name {name!r} is not allowed: use 1-64 letters, digits, '_', '-', '.'.")
+    return user_folder("memory") / f"{name}.safetensors"
+
+
+def memory_for(node_id: str, name: str, capacity: int):
     if capacity < 1:
         raise SpellInputError(node_id, f"capacity must be ≥ 1, got {capacity}.")
-    return open_memory(user_folder("memory") / f"{name}.safetensors", capacity)
+    return open_memory(memory_path(node_id, name), capacity)
+
+
+def file_state(path) -> str:
+    """What changes whenever the memory file is written, replaced or removed: size, mtime and inode."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+_SEEN: dict[str, tuple[str, int]] = {}  # memory file -> (last state seen, how many changes seen in this process)
+
+
+def memory_state(path) -> str:
+    """The file's state with a count of changes, so that a state never repeats within a process (a memory
+    emptied again is not the empty memory of an earlier run, whose cached outputs a LRU cache may still hold)."""
+    state = file_state(path)
+    last, changes = _SEEN.get(str(path), (None, 0))
+    if state != last:
+        changes += 1
+        _SEEN[str(path)] = (state, changes)
+    return f"{state}#{changes}"
 
 
 class SpellBatchMemory:
@@ -48,6 +76,15 @@ class SpellBatchMemory:
                 "How many outputs are kept; beyond it the oldest are dropped first."}),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, name, capacity):
+        """The memory file's state: after a run appended to it (or it was cleared), this node and everything
+        downstream (SPELL, the sampler) run again instead of being served from ComfyUI's output cache."""
+        try:
+            return memory_state(memory_path(cls.NODE_ID, name))
+        except SpellInputError:
+            return name  # a bad name: the node itself runs and reports it
+
     def open(self, name, capacity):
         return (memory_for(self.NODE_ID, name, capacity),)
 
@@ -69,7 +106,9 @@ class SpellBatchMemoryClear:
 
     @classmethod
     def IS_CHANGED(cls, memory):
-        return math.nan  # an action, not a value: run on every queue while in the graph
+        # An action, not a value: run on every queue while in the graph. A fresh NaN each time: ComfyUI compares
+        # signatures as tuples, where the one shared math.nan object equals itself and would be served from cache.
+        return float("nan")
 
     def clear(self, memory):
         memory.clear()
