@@ -124,7 +124,7 @@ def static_references(node_id, base, sample_shape, references, memory):
             continue
         shape = source.item_shape if what == "protected set" else tuple(source.shape[1:])
         if shape != item:
-            raise SpellInputError(node_id, describe_mismatch(what, shape, item))
+            raise SpellInputError(node_id, describe_mismatch(what, shape, item, downscale_ratio(base), source))
         index = source.search_index() if what == "protected set" else None
         if index is None:
             latents = source.latents if what == "protected set" else source
@@ -147,12 +147,34 @@ def load_memory(node_id, memory):
         raise SpellInputError(node_id, f"{e}; the file was left as it is: fix or move it, or use another memory name.") from e
 
 
-def describe_mismatch(what, have, want):
+def downscale_ratio(base) -> int:
+    """Pixels per latent cell: the latent format's ``spacial_downscale_ratio`` where ComfyUI has it (newer
+    lines), else 8 (every 2-D image family of 0.3.75: SD1.x, SDXL, SD3, Flux; the demo's VAE also packs 8 x 8)."""
+    ratio = getattr(getattr(base, "latent_format", None), "spacial_downscale_ratio", 8)
+    return ratio if isinstance(ratio, int) and ratio > 0 else 8
+
+
+def describe_mismatch(what, have, want, ratio=8, source=None):
+    """The fix for a set or memory of another latent shape, in pixels for image latents [C, h, w]."""
     if have[0] != want[0]:
         return (f"the {what} holds {have[0]}-channel latents but this model samples {want[0]}-channel latents "
                 f"(another model family); build it with this model's VAE.")
-    return (f"the {what} holds latents of size {have[1:]} but this sampler makes {want[1:]}; generate at the set's "
-            f"size or rebuild the set at width/height = 8 x {want[-1]} / 8 x {want[-2]}.")
+    if len(have) != 3 or len(want) != 3:
+        return (f"the {what} holds latents of size {have[1:]} but this sampler makes {want[1:]}; generate at the "
+                f"set's size or rebuild the set at the sampler's size.")
+    (h0, w0), (h1, w1) = have[1:], want[1:]
+    px = lambda h, w: f"{w * ratio} x {h * ratio} px"
+    head = (f"the {what} holds latents for {px(h0, w0)} images but this sampler makes {px(h1, w1)} "
+            f"(latents {w0} x {h0} / {w1} x {h1}); ")
+    if what == "batch memory":
+        return head + (f"use another name in SPELL Batch Memory (or empty it with SPELL Batch Memory Clear), or set "
+                       f"width/height of Empty Latent Image to {px(h0, w0)}.")
+    sources = " ".join(getattr(source, "meta", {}).get("sources", []))
+    if sources.startswith(("file ", "index ")):  # a saved set keeps its size
+        return head + (f"set width/height of Empty Latent Image to {px(h0, w0)}, or rebuild the set at "
+                       f"{px(h1, w1)}.")
+    return head + (f"set width/height of SPELL Protected Set Loader to {px(h1, w1)} (or of Empty Latent Image to "
+                   f"{px(h0, w0)}).")
 
 
 NODES = [SpellRepellency]

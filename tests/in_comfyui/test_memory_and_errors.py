@@ -79,7 +79,9 @@ def test_memory_of_another_size_is_refused_and_kept(pack, executor):
     g["4"]["inputs"].update(width=128, height=128)
     result = executor.run(g)
     assert not result.success
-    assert "SpellRepellency" in result.error and "batch memory" in result.error and "size" in result.error
+    assert "SpellRepellency" in result.error and "batch memory holds latents for 64 x 64 px images but this " \
+        "sampler makes 128 x 128 px (latents 8 x 8 / 16 x 16)" in result.error, result.error
+    assert "SPELL Batch Memory" in result.error and "Empty Latent Image to 64 x 64 px" in result.error
     assert memory_file(name).read_bytes() == before
 
 
@@ -118,9 +120,15 @@ def test_other_model_family_is_refused_before_sampling(comfy, toy_models, conds)
 
 
 def test_other_size_is_refused_before_sampling(comfy, toy_models, conds):
+    """In pixels (the user's unit; 8 px per latent cell), naming the node whose width/height to change."""
     refs = protected(comfy, torch.zeros(2, 4, 16, 16))
-    with pytest.raises(ValueError, match=r"protected set holds latents of size \(16, 16\).*rebuild the set"):
+    with pytest.raises(ValueError, match=r"protected set holds latents for 128 x 128 px images but this sampler makes "
+                                         r"64 x 64 px \(latents 16 x 16 / 8 x 8\); set width/height of SPELL Protected "
+                                         r"Set Loader to 64 x 64 px \(or of Empty Latent Image to 128 x 128 px\)"):
         sample(comfy, spell(comfy, toy_models["eps"], 0.5, references=refs), conds, 2)
+    wide = protected(comfy, torch.zeros(2, 4, 8, 12))  # width and height apart: [C, h, w] -> "w x h px"
+    with pytest.raises(ValueError, match=r"latents for 96 x 64 px images but this sampler makes 64 x 64 px"):
+        sample(comfy, spell(comfy, toy_models["eps"], 0.5, references=wide), conds, 2)
 
 
 def loader(comfy):
