@@ -4,6 +4,7 @@ workflows between the UI format (what ``example_workflows/`` and the browser sav
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 from dataclasses import dataclass, field
 
@@ -43,7 +44,10 @@ class Executor:
         import execution
 
         self.server = HeadlessServer()
-        self.executor = execution.PromptExecutor(self.server, cache_type=False, cache_args={"ram": 0.0, "lru": 0})
+        # The keys ComfyUI's main.py passes; older executors ignore the ones they do not read
+        # ("ram_inactive" is read unconditionally since ComfyUI 0.23).
+        self.executor = execution.PromptExecutor(self.server, cache_type=False,
+                                                 cache_args={"ram": 0.0, "ram_inactive": 0.0, "lru": 0})
 
     def run(self, prompt: dict) -> Result:
         import execution
@@ -61,11 +65,19 @@ class Executor:
             if event == "executing" and data.get("node") is not None:
                 result.executed.append(data["node"])
         for node_id in prompt:
-            entry = self.executor.caches.outputs.get(node_id)
+            entry = cached_output(self.executor.caches.outputs, node_id)
             if entry is not None:
                 result.outputs[node_id] = tuple(o[0] if len(o) == 1 else o for o in entry.outputs)
         result.ui = dict(self.executor.history_result.get("outputs", {}))
         return result
+
+
+def cached_output(cache, node_id):
+    """The output cache's entry for a node; ``get`` is a coroutine in newer ComfyUI (0.18+), plain before."""
+    entry = cache.get(node_id)
+    if inspect.isawaitable(entry):
+        entry = asyncio.run(entry)
+    return entry
 
 
 def widget_inputs(node_class) -> list[tuple[str, object]]:
