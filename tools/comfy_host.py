@@ -11,8 +11,11 @@ Nothing here is a stand-in for ComfyUI: the sampler, model patcher and executor 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
+import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -44,6 +47,38 @@ def comfyui_root() -> Path:
 
 _started: dict = {}
 
+# What ComfyUI logs when an optional dependency of one of its own modules is missing (torchaudio: audio nodes):
+# the traceback, "Cannot import <comfy_extras/...> module for custom nodes: No module named 'x'" and
+# "x missing, <model> will be broken". Nothing of the pack is loaded while this filter is on.
+_OPTIONAL_IMPORT = re.compile(r"No module named '([\w.]+)'|^(\w+) missing, .* will be broken")
+
+
+class _OptionalImportFilter(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.missing: set[str] = set()
+
+    def filter(self, record):
+        found = _OPTIONAL_IMPORT.search(record.getMessage())
+        if found:
+            self.missing.add((found.group(1) or found.group(2)).split(".")[0])
+        return found is None
+
+
+@contextlib.contextmanager
+def _quiet_optional_imports():
+    """Drops ComfyUI's optional-import warnings while its built-in nodes load, then says in one line what is
+    missing; every other record (and everything after, the pack's own errors included) still shows."""
+    quiet = _OptionalImportFilter()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    if quiet.missing:
+        print(f"[comfy_host] not installed: {', '.join(sorted(quiet.missing))}; ComfyUI skipped the built-in nodes "
+              f"that need it (the pack does not use them)", file=sys.stderr)
+
 
 def start(base_directory: str | os.PathLike, cpu: bool | None = None):
     """Imports ComfyUI with its folders under ``base_directory``, loads the pack; returns ComfyUI's ``nodes``.
@@ -69,9 +104,11 @@ def start(base_directory: str | os.PathLike, cpu: bool | None = None):
         comfy.cli_args.args.cpu = cpu
         comfy.cli_args.args.base_directory = str(base)
         import utils.install_util  # noqa: F401  (nodes.py needs it imported first, see COMFYUI.md)
-        import nodes
 
-        asyncio.run(nodes.init_builtin_extra_nodes())
+        with _quiet_optional_imports():
+            import nodes
+
+            asyncio.run(nodes.init_builtin_extra_nodes())
         if not asyncio.run(nodes.load_custom_node(str(PACK_DIR))):
             raise RuntimeError(f"ComfyUI could not load the pack at {PACK_DIR}; see the log above")
         _started.update(root=root, nodes=nodes)
