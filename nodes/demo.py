@@ -2,17 +2,39 @@
 without downloading a checkpoint. A toy class-conditional U-Net (ComfyUI's own UNetModel, EPS, 8x8x4 latents for
 64x64 images) trained on scikit-learn's digits by ``python -m demo.train``; the weights ship in ``demo/weights``.
 No sampling hook: the model goes into any KSampler like a checkpoint's MODEL.
+
+On import, a fresh ComfyUI's input folder gets the protected digits the ``spell_protected_set`` example loads
+(``input/spell_protected_digits/``, 24 PNGs), so every shipped template runs right after installing; a folder
+of that name that is already there is never touched.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import folder_paths
+
+from ..demo.example_inputs import ensure_protected_digits
 from ..demo.model import load_demo
 from .common import SpellInputError
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "demo" / "weights"
 DEFAULT_WEIGHTS = "demo_model.safetensors"
 PROMPT_CHOICES = [str(d) for d in range(10)] + ["any digit", "(empty)"]
+
+
+def fill_example_inputs() -> None:
+    try:
+        written = ensure_protected_digits(folder_paths.get_input_directory())
+    except OSError as e:
+        logging.warning("SPELL: could not write the example workflows' protected digits into ComfyUI's input "
+                        "folder (%s); the spell_protected_set template needs input/spell_protected_digits/.", e)
+        return
+    if written is not None:
+        logging.info("SPELL: wrote the example workflows' protected digits to %s", written)
+
+
+fill_example_inputs()
 
 
 def weight_files() -> list[str]:

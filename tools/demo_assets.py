@@ -1,25 +1,3 @@
-"""Files the example workflows expect in ComfyUI's input folder: a folder of protected digit images."""
-from __future__ import annotations
-
-from pathlib import Path
-
-import numpy as np
-from PIL import Image
-
-from demo.data import digits_split
-from tools.make_workflows import PROTECTED_FOLDER
-
-PROTECTED_CLASS = 1  # the class the "any digit" prompt favours most, so the shield has work to do
-PROTECTED_COUNT = 24
-
-
-def write_protected_digits(input_dir: str | Path) -> Path:
-    """Writes the first PROTECTED_COUNT training images of PROTECTED_CLASS as 64x64 PNGs; returns the folder."""
-    folder = Path(input_dir) / PROTECTED_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    images, labels = digits_split()["train"]
-    picked = images[labels == PROTECTED_CLASS][:PROTECTED_COUNT]
-    for n, img in enumerate(picked):
-        grey = ((img[0].numpy() + 1) / 2 * 255).round().astype(np.uint8)
-        Image.fromarray(grey).resize((64, 64), Image.Resampling.NEAREST).convert("RGB").save(folder / f"{n:03d}.png")
-    return folder
+"""The example workflows' input files (kept in ``demo/example_inputs.py``, which the pack's demo nodes also use
+to fill a fresh ComfyUI's input folder), for the tests, the main job and serve.sh."""
+from demo.example_inputs import PROTECTED_CLASS, PROTECTED_COUNT, PROTECTED_FOLDER, write_protected_digits  # noqa: F401

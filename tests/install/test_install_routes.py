@@ -37,7 +37,8 @@ START_TIMEOUT_S = 240
 NOT_SHIPPED = ("tests/", "docs/", "benchmarks/", "scripts/", "tools/", ".ci/", "run/", ".venv/",
                "requirements-dev.txt", "demo/train.py", "demo/weights/demo_evaluator.safetensors")
 SHIPPED = ("__init__.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE",
-           "demo/__init__.py", "demo/model.py", "demo/data.py", "demo/weights/demo_model.safetensors")
+           "demo/__init__.py", "demo/model.py", "demo/data.py", "demo/example_inputs.py",
+           "demo/weights/demo_model.safetensors", "demo/weights/demo_digits.safetensors")
 SHIPPED_TREES = ("nodes/", "spell_core/", "web/", "example_workflows/")  # every tracked file under these
 
 
@@ -163,6 +164,9 @@ def _check_loaded(info: dict, templates: dict, pack_dir: Path, log: Path):
     workflows = {p.stem for p in (pack_dir / "example_workflows").glob("*.json")}
     assert len(workflows) >= 4
     assert set(templates.get(PACK, [])) == workflows, templates
+    # the spell_protected_set template's input folder, written by the pack into the fresh ComfyUI's input/
+    comfyui = pack_dir.parents[1]
+    assert len(list((comfyui / "input" / "spell_protected_digits").glob("*.png"))) == 24, log.read_text()[-6000:]
 
 
 def test_manager_cm_cli_installs_from_local_git_url_and_comfyui_loads_it(clone, fresh_comfyui, home, tmp_path):
