@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import re
+import runpy
 import sys
 from pathlib import Path
 
@@ -48,21 +49,44 @@ def comfyui_root() -> Path:
 _started: dict = {}
 
 # What ComfyUI logs when an optional dependency of one of its own modules is missing (torchaudio: audio nodes):
-# the traceback, "Cannot import <comfy_extras/...> module for custom nodes: No module named 'x'" and
-# "x missing, <model> will be broken". Nothing of the pack is loaded while this filter is on.
-_OPTIONAL_IMPORT = re.compile(r"No module named '([\w.]+)'|^(\w+) missing, .* will be broken")
+# the traceback and "Cannot import <...>/comfy_extras/<module> module for custom nodes: No module named 'x'",
+# the "some comfy_extras/ nodes did not import correctly" summary, and "x missing, <model> will be broken".
+# Only records about comfy_extras match, so a failure of the pack itself (under custom_nodes/) always shows.
+_MISSING = re.compile(r"No module named '([\w.]+)'|^(\w+) missing, .* will be broken")
 
 
 class _OptionalImportFilter(logging.Filter):
     def __init__(self):
         super().__init__()
         self.missing: set[str] = set()
+        self.skipped: set[str] = set()  # comfy_extras files that failed on a missing optional module
+        self.in_summary = False
 
     def filter(self, record):
-        found = _OPTIONAL_IMPORT.search(record.getMessage())
-        if found:
+        text = record.getMessage()
+        found = _MISSING.search(text)
+        if found and (found.group(2) or "comfy_extras" in text):
             self.missing.add((found.group(1) or found.group(2)).split(".")[0])
-        return found is None
+            self.skipped.update(re.findall(r"comfy_extras/(\w+\.py) module", text))
+            return False
+        if "comfy_extras" in text and "did not import correctly" in text:  # main.py's summary of those failures
+            self.in_summary = True
+            self.say()
+            return False
+        if self.in_summary:  # its lines: one per failed file, then the advice (pip install -r requirements.txt)
+            if text.startswith("IMPORT FAILED: "):
+                self.in_summary = text[len("IMPORT FAILED: "):] in self.skipped
+                return not self.in_summary
+            if text.strip() == "" or "missing dependencies" in text or text.startswith("Please "):
+                return False
+            self.in_summary = False
+        return True
+
+    def say(self):
+        if self.missing:
+            print(f"[comfy_host] not installed: {', '.join(sorted(self.missing))}; ComfyUI skipped the built-in "
+                  f"nodes that need it (the pack does not use them)", file=sys.stderr)
+            self.missing.clear()
 
 
 @contextlib.contextmanager
@@ -75,9 +99,21 @@ def _quiet_optional_imports():
         yield
     finally:
         logging.getLogger().removeFilter(quiet)
-    if quiet.missing:
-        print(f"[comfy_host] not installed: {', '.join(sorted(quiet.missing))}; ComfyUI skipped the built-in nodes "
-              f"that need it (the pack does not use them)", file=sys.stderr)
+    quiet.say()
+
+
+def serve(main_py: str, argv: list[str]) -> None:
+    """Runs ComfyUI's own main.py in this process (scripts/serve.sh) with the optional-import filter above on,
+    alembic's per-start "setup plugin" lines below the log level, and 0.3.75's "No target revision found." (it
+    ships no database migrations yet) dropped; nothing else is changed."""
+    logging.getLogger().addFilter(_OptionalImportFilter())
+    logging.getLogger().addFilter(lambda record: record.getMessage() != "No target revision found.")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    root = str(Path(main_py).resolve().parent)
+    here = {"", os.getcwd(), str(PACK_DIR)}  # the pack's folder must not shadow ComfyUI's nodes.py
+    sys.path[:] = [root] + [p for p in sys.path if p not in here]
+    sys.argv = [main_py, *argv]
+    runpy.run_path(main_py, run_name="__main__")
 
 
 def start(base_directory: str | os.PathLike, cpu: bool | None = None):
@@ -137,3 +173,9 @@ def pack_module():
     """The pack as ComfyUI imported it (``sys.modules`` entry made by ``nodes.load_custom_node``)."""
     key = str(PACK_DIR).replace(".", "_x_")
     return sys.modules[key]
+
+
+if __name__ == "__main__":  # python -m tools.comfy_host serve <ComfyUI/main.py> [main.py's arguments]
+    if sys.argv[1:2] != ["serve"] or len(sys.argv) < 3:
+        raise SystemExit("usage: python -m tools.comfy_host serve <ComfyUI/main.py> [arguments of main.py]")
+    serve(sys.argv[2], sys.argv[3:])
