@@ -27,12 +27,14 @@ import comfy.utils
 import folder_paths
 import torch
 
+from ..spell_core import charts
 from ..spell_core.fairness import (DIVERGENCES, LOSSES, AttributeHeads, FairConfig, FairRun, bias, bucket_sigmas,
                                    open_count, parse_target, pool_features, train_heads)
 from ..spell_core.references import list_images, read_image
 from ..spell_core.run import RunHistory
 from ..spell_core.storage import StorageError, inside
 from .common import SpellInputError, user_folder
+from .report import image_batch
 
 HEADS = "spell_heads"
 NONE = "(none)"
@@ -256,8 +258,8 @@ class SpellAttributeHeadLoader:
     DESCRIPTION = "Loads attribute heads saved by SPELL Attribute Head Trainer (models/spell_heads)."
     RETURN_TYPES = ("SPELL_ATTRIBUTE_HEADS", "STRING")
     RETURN_NAMES = ("heads", "summary")
-    OUTPUT_TOOLTIPS = ("The heads.", "Classes, noise levels and held-out accuracy.")
-    FUNCTION = "load"
+    OUTPUT_TOOLTIPS = ("The heads.", "Classes, noise levels and held-out accuracy (also shown on the node).")
+    FUNCTION = "load_and_show"
     SEARCH_ALIASES = ["SPELL", "fairness", "attribute heads"]
 
     @classmethod
@@ -280,6 +282,11 @@ class SpellAttributeHeadLoader:
         except ValueError as e:
             raise SpellInputError(self.NODE_ID, str(e)) from e
         return (heads, heads.describe())
+
+    def load_and_show(self, heads_file):
+        """What ComfyUI calls: ``load``, with the summary also shown on the node."""
+        heads, summary = self.load(heads_file)
+        return {"ui": {"text": [summary]}, "result": (heads, summary)}
 
 
 class SpellFairnessCount:
@@ -420,12 +427,17 @@ def measure(guider, run, x, model_options):
     run.log.finished = True
 
 
-def describe(log, classes, count=None) -> str:
-    """Target, this run's batch target and outputs, and the running count, per class."""
+def tallies(log, classes, count=None):
+    """(this run's outputs per class [K] or None if not measured, the running count per class [K] or None)."""
     final = log.final_classes()
     got = torch.bincount(torch.tensor(final, dtype=torch.long), minlength=len(classes)).double() if final else None
+    return got, count.counts(classes) if count is not None else None
+
+
+def describe(log, classes, count=None) -> str:
+    """Target, this run's batch target and outputs, and the running count, per class."""
+    got, running = tallies(log, classes, count)
     lines = [f"{'class':>10} {'target':>7} {'batch target':>13} {'outputs':>8}" + (f" {'running':>8}" if count else "")]
-    running = count.counts(classes) if count is not None else None
     for k, c in enumerate(classes):
         row = f"{c:>10} {100 * log.target[k]:6.1f}% {100 * log.batch_target[k]:12.1f}%"
         row += f" {int(got[k]):8d}" if got is not None else f" {'-':>8}"
@@ -433,10 +445,17 @@ def describe(log, classes, count=None) -> str:
             share = running[k] / max(float(running.sum()), 1)
             row += f" {100 * share:7.1f}%"
         lines.append(row)
+    lines += summary(log, got, running, count)
+    return "\n".join(lines)
+
+
+def summary(log, got, running, count) -> list[str]:
+    """Bias and distance to the target of this batch and of the running count, one line each."""
+    lines = []
     if got is not None:
         freq = got / got.sum()
         tv = 0.5 * float((freq - torch.tensor(log.target)).abs().sum())
-        lines.append(f"this batch ({len(final)} outputs): bias {bias(freq):.3f}, distance to target (TV) {tv:.3f}")
+        lines.append(f"this batch ({int(got.sum())} outputs): bias {bias(freq):.3f}, distance to target (TV) {tv:.3f}")
     else:
         lines.append("this run was partial (leftover noise): outputs not measured")
     if running is not None and running.sum() > 0:
@@ -444,7 +463,19 @@ def describe(log, classes, count=None) -> str:
         tv = 0.5 * float((freq - torch.tensor(log.target)).abs().sum())
         lines.append(f"running count {count.name!r}: {int(running.sum())} outputs over {count.runs()} runs, bias "
                      f"{bias(freq):.3f}, distance to target (TV) {tv:.3f}")
-    return "\n".join(lines)
+    return lines
+
+
+def chart(log, classes, count=None):
+    """Per class, target share against this batch's outputs (and the running share) as grouped bars, [H, W, 3]."""
+    got, running = tallies(log, classes, count)
+    outputs = (got / got.sum()).tolist() if got is not None else None
+    shares = (running / running.sum()).tolist() if running is not None and running.sum() > 0 else None
+    runs = count.runs() if shares is not None else 0
+    label = f"running share ({int(running.sum())} outputs, {runs} run{'s' * (runs != 1)})" if shares is not None else ""
+    return charts.fairness_chart(classes, log.target, outputs, shares, label,
+                                 subtitle="\n".join(summary(log, got, running, count)),
+                                 output_counts=got.tolist() if got is not None else None)
 
 
 class SpellFairnessReport:
@@ -453,11 +484,14 @@ class SpellFairnessReport:
     CATEGORY = "SPELL/fairness"
     DESCRIPTION = (
         "Shows the attribute distribution of the last run's outputs (the heads' predictions on the final latents) "
-        "against the target, and the running count if connected. Connect the guided model and the sampler's LATENT."
+        "against the target, and the running count if connected. Connect the guided model and the sampler's LATENT. "
+        "The chart output shows the same as grouped bars: connect it to Preview Image."
     )
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("report",)
-    OUTPUT_TOOLTIPS = ("The report as text.",)
+    RETURN_TYPES = ("STRING", "IMAGE")
+    RETURN_NAMES = ("report", "chart")
+    OUTPUT_TOOLTIPS = ("The report as text (also shown on the node).",
+                       "Per class, the target share against this batch's outputs (and the running share when a "
+                       "count is connected) as a bar chart, 768x512. Connect it to Preview Image.")
     FUNCTION = "report"
     OUTPUT_NODE = True
     SEARCH_ALIASES = ["SPELL", "fairness", "report", "distribution"]
@@ -489,10 +523,12 @@ class SpellFairnessReport:
                     f"{samples['samples'].shape[0]}: not from this model")
         else:
             try:
-                text = describe(log, heads.classes, count)
+                text, picture = describe(log, heads.classes, count), chart(log, heads.classes, count)
             except ValueError as e:
                 raise SpellInputError(self.NODE_ID, str(e)) from e
-        return {"ui": {"text": [text]}, "result": (text,)}
+            return {"ui": {"text": [text]}, "result": (text, image_batch([picture]))}
+        picture = charts.message_chart("SPELL Fairness Report", text)
+        return {"ui": {"text": [text]}, "result": (text, image_batch([picture]))}
 
 
 class SpellDemoDigitExamples:
@@ -505,8 +541,8 @@ class SpellDemoDigitExamples:
     )
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("images", "labels")
-    OUTPUT_TOOLTIPS = ("Digit images, 64x64.", "Their classes, comma-separated.")
-    FUNCTION = "load"
+    OUTPUT_TOOLTIPS = ("Digit images, 64x64.", "Their classes, comma-separated (the node shows how many).")
+    FUNCTION = "load_and_show"
     SEARCH_ALIASES = ["SPELL", "demo", "digits", "labelled examples"]
 
     @classmethod
@@ -522,6 +558,12 @@ class SpellDemoDigitExamples:
         grey = (images16[keep] + 1) / 2
         big = torch.nn.functional.interpolate(grey, scale_factor=4, mode="nearest")[:, 0, :, :, None]
         return (big.expand(-1, -1, -1, 3).contiguous(), ", ".join(str(int(v)) for v in labels[keep]))
+
+    def load_and_show(self, per_class):
+        """What ComfyUI calls: ``load``, with how many examples it gave shown on the node."""
+        images, names = self.load(per_class)
+        shown = f"{len(images)} labelled digit images (64x64), up to {per_class} per digit 0-9; labels: {names[:40]}..."
+        return {"ui": {"text": [shown]}, "result": (images, names)}
 
 
 NODES = [SpellAttributeHeadTrainer, SpellAttributeHeadLoader, SpellFairnessCount, SpellDistributionGuidance,

@@ -77,7 +77,9 @@ class SpellProtectedSetLoader:
     )
     RETURN_TYPES = ("SPELL_REFERENCES", "STRING")
     RETURN_NAMES = ("references", "summary")
-    FUNCTION = "load"
+    OUTPUT_TOOLTIPS = ("The protected set, for SPELL Sparse Repellency.",
+                       "How many references, their latent shape and sources (also shown on the node).")
+    FUNCTION = "load_and_show"
     SEARCH_ALIASES = ["SPELL", "protected", "shield", "references"]
 
     @classmethod
@@ -135,6 +137,11 @@ class SpellProtectedSetLoader:
             refs = refs.merged(p)
         summary = f"{len(refs)} references, latent shape {refs.item_shape}, from: " + "; ".join(refs.meta.get("sources", []))
         return (refs, summary)
+
+    def load_and_show(self, folder, set_file, width, height, resize, vae=None, images=None, latent=None):
+        """What ComfyUI calls: ``load``, with the summary also shown on the node."""
+        refs, summary = self.load(folder, set_file, width, height, resize, vae=vae, images=images, latent=latent)
+        return {"ui": {"text": [summary]}, "result": (refs, summary)}
 
     def need_vae(self, vae, what):
         if vae is None:

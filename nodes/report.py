@@ -1,7 +1,13 @@
 """SpellReport: what the last SPELL run of a model did (read from the ``RunHistory`` handle that
-``SpellRepellency`` puts in ``model_options["transformer_options"]["spell_history"]``)."""
+``SpellRepellency`` puts in ``model_options["transformer_options"]["spell_history"]``), as text and as a chart
+(``spell_core/charts.py``) for Preview Image."""
 from __future__ import annotations
 
+import numpy as np
+import torch
+
+from ..spell_core import charts
+from ..spell_core.run import NEAREST_CAP
 from .common import SpellInputError
 from .repellency import HISTORY_KEY
 
@@ -9,7 +15,7 @@ from .repellency import HISTORY_KEY
 def describe(log, radius_note="") -> str:
     near = log.nearest_static
     lines = [
-        f"batch {log.batch}; static references {log.n_static} (protected set + memory){radius_note}",
+        f"batch {log.batch}; r = {log.r:.3g}; static references {log.n_static} (protected set + memory){radius_note}",
         f"model calls {len(log.steps)}; push active in {100 * log.active_share():.1f}% of (call, image) pairs",
         f"outputs moved by the final shield enforcement: {log.enforced}",
     ]
@@ -23,6 +29,21 @@ def describe(log, radius_note="") -> str:
     return "\n".join(lines + per_step)
 
 
+def chart(log, title="SPELL Report") -> np.ndarray:
+    """The log as a picture (``charts.spell_report_chart``), [H, W, 3] uint8."""
+    subtitle = (f"batch {log.batch}, {log.n_static} static references; push active in {100 * log.active_share():.1f}% "
+                f"of (call, image) pairs; shield enforcement moved {log.enforced}")
+    return charts.spell_report_chart(log.r, log.nearest_static if log.n_static else [],
+                                     log.nearest_batch if log.batch > 1 else [], [s.sigma for s in log.steps],
+                                     log.pushed_per_step(), log.max_push_per_step(), log.batch, title=title,
+                                     subtitle=subtitle, cap=NEAREST_CAP)
+
+
+def image_batch(pictures) -> torch.Tensor:
+    """[H, W, 3] uint8 pictures -> a ComfyUI IMAGE [N, H, W, 3] float32 in 0..1."""
+    return torch.from_numpy(np.stack([charts.to_unit(p) for p in pictures]))
+
+
 class SpellReport:
     NODE_ID = "SpellReport"
     DISPLAY_NAME = "SPELL Report"
@@ -30,10 +51,15 @@ class SpellReport:
     DESCRIPTION = (
         "Shows what SPELL did in the last run of a patched model: references in play, how often the push was "
         "active per step, how close each output came to the nearest reference, how many outputs the shield "
-        "enforcement moved. Connect the SPELL model and the sampler's output latent (so it runs after sampling)."
+        "enforcement moved. Connect the SPELL model and the sampler's output latent (so it runs after sampling). "
+        "The chart output shows the same as a picture: connect it to Preview Image."
     )
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("report",)
+    RETURN_TYPES = ("STRING", "IMAGE")
+    RETURN_NAMES = ("report", "chart")
+    OUTPUT_TOOLTIPS = ("The report as text (also shown on the node).",
+                       "The report as a picture (768x512, one per SPELL patch): per output, the RMS distance to "
+                       "the nearest static reference and to the nearest other image of the batch against r; per "
+                       "model call, how many images were pushed and how hard. Connect it to Preview Image.")
     FUNCTION = "report"
     OUTPUT_NODE = True
 
@@ -48,19 +74,22 @@ class SpellReport:
         histories = model.model_options.get("transformer_options", {}).get(HISTORY_KEY, [])
         if not histories:
             raise SpellInputError(self.NODE_ID, "this model has no SPELL patch; connect the MODEL output of SPELL Sparse Repellency.")
-        texts = []
+        texts, pictures = [], []
         for n, history in enumerate(histories):
             log = history.latest()
+            title = "SPELL Report" + (f" (patch {n + 1} of {len(histories)})" if len(histories) > 1 else "")
             if log is None:
                 texts.append(f"SPELL patch {n + 1}: no sampling run yet")
-                continue
-            if log.batch != samples["samples"].shape[0]:
+            elif log.batch != samples["samples"].shape[0]:
                 texts.append(f"SPELL patch {n + 1}: its last run had batch {log.batch}, these samples "
                              f"{samples['samples'].shape[0]}: not from this model")
+            else:
+                texts.append(f"SPELL patch {n + 1}:\n" + describe(log))
+                pictures.append(chart(log, title))
                 continue
-            texts.append(f"SPELL patch {n + 1}:\n" + describe(log))
+            pictures.append(charts.message_chart(title, texts[-1].split(": ", 1)[1]))
         text = "\n\n".join(texts)
-        return {"ui": {"text": [text]}, "result": (text,)}
+        return {"ui": {"text": [text]}, "result": (text, image_batch(pictures))}
 
 
 NODES = [SpellReport]

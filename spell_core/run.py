@@ -51,10 +51,11 @@ class StepRecord:
 
 @dataclass
 class RunLog:
-    """What one run did, for the report node and the benchmarks."""
+    """What one run did, for the report node and the benchmarks (r: the run's shield radius, RMS)."""
 
     batch: int = 0
     n_static: int = 0
+    r: float = math.nan
     steps: list[StepRecord] = field(default_factory=list)
     enforced: int = 0
     nearest_batch: list[float] = field(default_factory=list)
@@ -79,6 +80,14 @@ class RunLog:
         pairs = [a for s in self.steps for a in s.active_pairs]
         return sum(a > 0 for a in pairs) / max(len(pairs), 1)
 
+    def pushed_per_step(self) -> list[int]:
+        """How many images of the batch were pushed at each logged model call."""
+        return [sum(a > 0 for a in s.active_pairs) for s in self.steps]
+
+    def max_push_per_step(self) -> list[float]:
+        """The largest ||Δ|| / ||x̂0 − x_t|| over the batch at each logged model call."""
+        return [max(s.push_ratio, default=0.0) for s in self.steps]
+
 
 class SpellRun:
     """Sparse repellency over one sampling run.
@@ -90,7 +99,7 @@ class SpellRun:
         self.config = config
         self.sample_shape = tuple(sample_shape)
         self.shield = shield if shield is not None else Shield([])
-        self.log = RunLog(batch=self.sample_shape[0], n_static=len(self.shield))
+        self.log = RunLog(batch=self.sample_shape[0], n_static=len(self.shield), r=config.r)
 
     def active(self, sigma: float) -> bool:
         return self.config.sigma_end <= sigma <= self.config.sigma_start

@@ -1,0 +1,359 @@
+"""Charts for the report nodes: plain numbers in, an RGB picture out (numpy + Pillow, no plotting library).
+
+Sized for ComfyUI's Preview Image (768 x 512). Every function returns an ``[H, W, 3]`` uint8 array; ``to_unit``
+turns it into the float32 0..1 array that a ComfyUI IMAGE holds. Text is plain ASCII: Pillow's embedded default
+font (Aileron) has no Greek letters, so sigma, delta and x0_pred are spelled out.
+
+The plot areas are module constants (``DISTANCE_BOX``, ``PUSH_BOX``, ``BAR_BOX``: left, top, right, bottom in
+pixels) so that tests can find the bars and lines where the numbers say they are.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+WIDTH, HEIGHT = 768, 512
+DISTANCE_BOX = (78, 96, 704, 262)  # SPELL report, top: distance of each output to its nearest neighbours
+PUSH_BOX = (78, 346, 690, 456)  # SPELL report, bottom: push activity per model call
+BAR_BOX = (70, 104, 748, 442)  # fairness report: shares per class
+
+MAX_BAR = 48  # widest bar in pixels, so that a few categories do not make slabs
+
+WHITE = (255, 255, 255)
+TEXT = (25, 25, 25)
+MUTED = (95, 95, 95)
+AXIS = (70, 70, 70)
+GRID = (226, 226, 226)
+REFERENCE = (31, 119, 180)  # nearest static reference (blue)
+PEER = (255, 127, 14)  # nearest other image of the batch (orange)
+FAR = (158, 196, 224)  # a static reference beyond the search cap: bar drawn to the top, lighter
+RADIUS = (204, 32, 32)  # the line at r
+SHIELD = (252, 226, 226)  # the band below r
+PUSHED = (44, 160, 44)  # images pushed per model call (green)
+PUSH_SIZE = (128, 70, 178)  # largest push size per model call (purple)
+TARGET = (160, 160, 172)  # not a pure grey, so anti-aliased text never takes its colour
+OUTPUTS = REFERENCE
+RUNNING = PEER
+
+
+@lru_cache(maxsize=None)
+def font(size: int) -> ImageFont.ImageFont:
+    """Pillow's embedded font at a pixel size (Pillow ≥ 10.1 with FreeType); the fixed bitmap font otherwise."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def to_unit(img: np.ndarray) -> np.ndarray:
+    """[H, W, 3] uint8 -> [H, W, 3] float32 in 0..1 (a ComfyUI IMAGE without its batch axis)."""
+    return np.ascontiguousarray(img, dtype=np.float32) / 255.0
+
+
+def nice_ticks(hi: float, n: int = 5) -> tuple[float, list[float]]:
+    """Axis top ≥ hi and ticks 0, step, ..., top, step 1, 2, 2.5 or 5 x 10^k: the lowest top with 3 to
+    n + 2 intervals (fewer intervals on a tie), so the data fill the axis."""
+    hi = hi if hi > 0 and math.isfinite(hi) else 1.0
+    mag = 10 ** math.floor(math.log10(hi / n))
+    options = []
+    for step in (m * mag * e for e in (0.1, 1, 10) for m in (1, 2, 2.5, 5)):
+        count = math.ceil(hi / step - 1e-9)
+        if 3 <= count <= n + 2:
+            options.append((step * count, count, step))
+    top, count, step = min(options) if options else (hi, 1, hi)
+    return top, [step * i for i in range(count + 1)]
+
+
+def tick_label(v: float, step: float, percent: bool = False) -> str:
+    if percent:
+        v, step = 100 * v, 100 * step
+    decimals = 0
+    while decimals < 6 and abs(step * 10 ** decimals - round(step * 10 ** decimals)) > 1e-6:
+        decimals += 1
+    return f"{v:.{decimals}f}" + ("%" if percent else "")
+
+
+class Canvas:
+    """A white RGB picture with the few drawing primitives the charts need."""
+
+    def __init__(self, width: int = WIDTH, height: int = HEIGHT):
+        self.image = Image.new("RGB", (width, height), WHITE)
+        self.draw = ImageDraw.Draw(self.image)
+
+    def text(self, xy, s, size=12, fill=TEXT, anchor="la"):
+        self.draw.text(xy, s, font=font(size), fill=fill, anchor=anchor)
+
+    def text_width(self, s, size=12) -> float:
+        return self.draw.textlength(s, font=font(size))
+
+    def vertical_text(self, x, y_mid, s, size=12, fill=TEXT):
+        """Text rotated 90° counter-clockwise, centred on y_mid, its left edge at x."""
+        f = font(size)
+        w = int(self.draw.textlength(s, font=f)) + 4
+        mask = Image.new("L", (w, size + 6), 0)
+        ImageDraw.Draw(mask).text((2, 1), s, font=f, fill=255)
+        mask = mask.rotate(90, expand=True)
+        self.image.paste(Image.new("RGB", mask.size, fill), (int(x), int(y_mid - mask.size[1] / 2)), mask)
+
+    def rect(self, x0, y0, x1, y1, fill, outline=None):
+        if x1 - x0 >= 0 and y1 - y0 >= 0:
+            self.draw.rectangle([round(x0), round(y0), round(x1), round(y1)], fill=fill, outline=outline)
+
+    def hline(self, x0, x1, y, fill, width=1, dash=0):
+        y = round(y)
+        if not dash:
+            self.draw.line([(x0, y), (x1, y)], fill=fill, width=width)
+            return
+        x = x0
+        while x < x1:
+            self.draw.line([(x, y), (min(x + dash, x1), y)], fill=fill, width=width)
+            x += 2 * dash
+
+    def bar_label(self, a, b, y, s, size=10):
+        """s centred above a bar spanning columns a..b whose top is row y, if it fits the bar's width."""
+        if self.text_width(s, size) + 2 <= b - a + 6:
+            self.text(((a + b) / 2, y - 2), s, size=size, fill=TEXT, anchor="md")
+
+    def title(self, title, subtitle=""):
+        self.text((WIDTH / 2, 8), title, size=19, anchor="ma")
+        for n, line in enumerate(subtitle.splitlines()[:2]):
+            self.text((WIDTH / 2, 33 + 16 * n), line, size=13, fill=MUTED, anchor="ma")
+
+    def legend(self, x, y, entries, size=12):
+        """entries: [(label, colour, kind)], kind 'box' (a bar), 'line' (a line with dots) or 'band' (the
+        shield band under the r line), left to right from (x, y); returns the x after the last entry."""
+        for label, colour, kind in entries:
+            if kind == "box":
+                self.rect(x, y + 2, x + 12, y + 13, colour)
+                swatch = 12
+            elif kind == "band":
+                self.rect(x, y + 3, x + 20, y + 14, SHIELD)
+                self.hline(x, x + 20, y + 3, colour, width=2, dash=4)
+                swatch = 20
+            else:
+                self.hline(x, x + 20, y + 8, colour, width=2)
+                self.draw.ellipse([x + 7, y + 5, x + 13, y + 11], fill=colour)
+                swatch = 20
+            self.text((x + swatch + 5, y), label, size=size)
+            x += swatch + 5 + self.text_width(label, size) + 18
+        return x
+
+    def y_axis(self, box, top, ticks, title, percent=False, right=False, colour=TEXT, grid=True):
+        """Ticks, labels and an axis title for values 0..top mapped onto box's height."""
+        x0, y0, x1, y1 = box
+        step = ticks[1] - ticks[0] if len(ticks) > 1 else top
+        widest = 0.0
+        for v in ticks:
+            y = value_y(box, top, v)
+            if grid and not right:
+                self.hline(x0, x1, y, GRID)
+            label = tick_label(v, step, percent)
+            widest = max(widest, self.text_width(label, 11))
+            if right:
+                self.draw.line([(x1, round(y)), (x1 + 4, round(y))], fill=AXIS)
+                self.text((x1 + 7, y), label, size=11, fill=colour, anchor="lm")
+            else:
+                self.draw.line([(x0 - 4, round(y)), (x0, round(y))], fill=AXIS)
+                self.text((x0 - 7, y), label, size=11, fill=colour, anchor="rm")
+        mid = (y0 + y1) / 2
+        if right:
+            self.vertical_text(x1 + 11 + widest, mid, title, size=12, fill=colour)
+        else:
+            self.vertical_text(x0 - 27 - widest, mid, title, size=12, fill=colour)
+
+    def frame(self, box):
+        x0, y0, x1, y1 = box
+        self.draw.line([(x0, y0), (x0, y1), (x1, y1)], fill=AXIS)
+
+    def array(self) -> np.ndarray:
+        return np.asarray(self.image, dtype=np.uint8).copy()
+
+
+def value_y(box, top: float, v: float) -> float:
+    """Pixel row of value v on an axis 0..top drawn over box (its bottom is 0)."""
+    return box[3] - (box[3] - box[1]) * min(max(v / top, 0.0), 1.0)
+
+
+def slots(box, n: int) -> list[tuple[float, float]]:
+    """n equal category slots across box's width: [(left, right)]."""
+    w = (box[2] - box[0]) / max(n, 1)
+    return [(box[0] + i * w, box[0] + (i + 1) * w) for i in range(n)]
+
+
+def sparse_labels(n: int, room: float, widest: float) -> set[int]:
+    """Indices of categories to label so that labels of width widest do not overlap in slots of width room."""
+    every = max(1, math.ceil((widest + 8) / max(room, 1e-9)))
+    return set(range(0, n, every))
+
+
+def message_chart(title: str, message: str) -> np.ndarray:
+    """A picture that only says something (e.g. 'no sampling run yet'), so Preview Image always gets an image."""
+    c = Canvas()
+    c.title(title)
+    for n, line in enumerate(message.splitlines()):
+        c.text((WIDTH / 2, HEIGHT / 2 - 10 + 20 * n), line, size=15, fill=MUTED, anchor="ma")
+    return c.array()
+
+
+def spell_report_chart(r: float, nearest_static, nearest_batch, sigmas, pushed, push_size, batch: int,
+                       title: str = "SPELL Report", subtitle: str = "", cap: float = 4.0) -> np.ndarray:
+    """The SPELL report as a picture [HEIGHT, WIDTH, 3] uint8.
+
+    Top: per output image, the RMS distance to its nearest static reference (protected set + memory;
+    ``inf`` = beyond cap·r, drawn to the top, lighter) and to its nearest other image of the batch, against
+    the shield radius r (a dashed line over a shaded band). Either list may be empty (no static references,
+    batch of 1). Bottom: per model call in the active window (labelled by σ), how many of the batch's images
+    were pushed (bars, left axis, 0..batch) and the largest push size ||Δ|| / ||x̂0 − x_t|| (line, right axis).
+    """
+    c = Canvas()
+    c.title(title, subtitle)
+    near_s = [float(d) for d in nearest_static]
+    near_b = [float(d) for d in nearest_batch]
+    distance_panel(c, r, near_s, near_b, cap)
+    push_panel(c, [float(s) for s in sigmas], [int(p) for p in pushed], [float(p) for p in push_size], batch)
+    return c.array()
+
+
+def distance_panel(c: Canvas, r, near_s, near_b, cap):
+    box = DISTANCE_BOX
+    x0, y0, x1, y1 = box
+    n = max(len(near_s), len(near_b))
+    c.text((x0 - 60, y0 - 42), "Distance of each output to its nearest neighbour (RMS, the sampler's latent space)",
+           size=14)
+    entries = []
+    if near_s:
+        entries.append(("nearest static reference (protected set + memory)", REFERENCE, "box"))
+    if near_b:
+        entries.append(("nearest other image of this batch", PEER, "box"))
+    entries.append((f"shield radius r = {r:.3g}", RADIUS, "band"))
+    c.legend(x0 - 60, y0 - 22, entries, size=12)
+    finite = [d for d in near_s + near_b if math.isfinite(d)]
+    top, ticks = nice_ticks(max(finite + [r]) * 1.12)
+    c.rect(x0 + 1, value_y(box, top, r), x1, y1 - 1, SHIELD)
+    c.y_axis(box, top, ticks, "RMS distance")
+    if n == 0:
+        c.text(((x0 + x1) / 2, (y0 + y1) / 2), "no finished output to measure", size=13, fill=MUTED, anchor="mm")
+    series = [(near_s, REFERENCE), (near_b, PEER)]
+    series = [(values, colour) for values, colour in series if values]
+    for i, (left, right) in enumerate(slots(box, n)):
+        inner = min((right - left) * 0.76, MAX_BAR * max(len(series), 1))
+        bar = inner / max(len(series), 1)
+        start = left + (right - left - inner) / 2
+        for k, (values, colour) in enumerate(series):
+            if i >= len(values):
+                continue
+            a, b = start + k * bar + (1 if bar > 4 else 0), start + (k + 1) * bar - (1 if bar > 4 else 0)
+            d = values[i]
+            if math.isfinite(d):
+                c.rect(a, value_y(box, top, d), b, y1 - 1, colour)
+                c.bar_label(a, b, value_y(box, top, d), f"{d:.2f}")
+            else:  # beyond the range search's cap: no exact value, only "farther than cap·r"
+                c.rect(a, y0, b, y1 - 1, FAR)
+                c.text(((a + b) / 2, y0 + 3), f">{cap:g}r", size=10, fill=TEXT, anchor="ma")
+    c.hline(x0 + 1, x1, value_y(box, top, r), RADIUS, width=2, dash=6)
+    c.text((x1 - 2, value_y(box, top, r) - 3), "r", size=12, fill=RADIUS, anchor="rb")
+    c.frame(box)
+    widest = c.text_width(str(n), 11)
+    shown = sparse_labels(n, (x1 - x0) / max(n, 1), widest)
+    for i, (left, right) in enumerate(slots(box, n)):
+        if i in shown:
+            c.text(((left + right) / 2, y1 + 4), str(i + 1), size=11, anchor="ma")
+    c.text(((x0 + x1) / 2, y1 + 20), "output image (batch index, from 1)", size=12, anchor="ma")
+
+
+def push_panel(c: Canvas, sigmas, pushed, push_size, batch):
+    box = PUSH_BOX
+    x0, y0, x1, y1 = box
+    n = len(sigmas)
+    c.text((x0 - 60, y0 - 42), "Push per model call (only calls inside the active window are logged)", size=14)
+    c.legend(x0 - 60, y0 - 22, [(f"images pushed (of {batch})", PUSHED, "box"),
+                                ("largest push size |delta| / |x0_pred - x_t|", PUSH_SIZE, "line")], size=12)
+    count_top = float(max(batch, 1))
+    step = max(1, math.ceil(count_top / 4))
+    count_ticks = list(range(0, int(count_top) + 1, step))
+    if count_ticks[-1] != int(count_top):
+        count_ticks.append(int(count_top))
+    c.y_axis(box, count_top, count_ticks, "images pushed", colour=TEXT)
+    size_top, size_ticks = nice_ticks(max(push_size + [0.0]) * 1.1 or 1.0, n=4)
+    c.y_axis(box, size_top, size_ticks, "push size", right=True, colour=PUSH_SIZE)
+    if n == 0:
+        c.text(((x0 + x1) / 2, (y0 + y1) / 2), "no model call inside the active window", size=13, fill=MUTED,
+               anchor="mm")
+    points = []
+    for i, (left, right) in enumerate(slots(box, n)):
+        pad = (right - left) * 0.15
+        if pushed[i] > 0:
+            c.rect(left + pad, value_y(box, count_top, pushed[i]), right - pad, y1 - 1, PUSHED)
+        points.append(((left + right) / 2, value_y(box, size_top, push_size[i])))
+    if len(points) > 1:
+        c.draw.line(points, fill=PUSH_SIZE, width=2)
+    dot = 3 if n <= 40 else 2
+    for x, y in points:
+        c.draw.ellipse([x - dot, y - dot, x + dot, y + dot], fill=PUSH_SIZE)
+    c.frame(box)
+    c.draw.line([(x1, y0), (x1, y1)], fill=AXIS)
+    labels = [f"{s:.3g}" for s in sigmas]
+    widest = max([c.text_width(s, 11) for s in labels] + [0])
+    shown = sparse_labels(n, (x1 - x0) / max(n, 1), widest)
+    for i, (left, right) in enumerate(slots(box, n)):
+        if i in shown:
+            c.draw.line([((left + right) / 2, y1), ((left + right) / 2, y1 + 3)], fill=AXIS)
+            c.text(((left + right) / 2, y1 + 5), labels[i], size=11, anchor="ma")
+    c.text(((x0 + x1) / 2, y1 + 21), "model call, labelled by its noise level sigma (high noise first)", size=12,
+           anchor="ma")
+
+
+def bar_chart(categories, series, title: str = "", subtitle: str = "", y_title: str = "share",
+              percent: bool = True, x_title: str = "") -> np.ndarray:
+    """Grouped bars [HEIGHT, WIDTH, 3] uint8: for each category one bar per series, series = [(label, values,
+    colour)] or [(label, values, colour, notes)] (texts written above the bars) with values aligned with categories. The y axis starts at 0 and reaches just above the largest value."""
+    c = Canvas()
+    c.title(title, subtitle)
+    box = BAR_BOX
+    x0, y0, x1, y1 = box
+    c.legend(x0 - 40, y0 - 26, [(entry[0], entry[2], "box") for entry in series], size=13)
+    values = [float(v) for entry in series for v in entry[1]]
+    top, ticks = nice_ticks(max(values + [0.0]) * 1.08 or 1.0)
+    c.y_axis(box, top, ticks, y_title, percent=percent)
+    n = len(categories)
+    for i, (left, right) in enumerate(slots(box, n)):
+        inner = min((right - left) * 0.8, MAX_BAR * max(len(series), 1))
+        bar = inner / max(len(series), 1)
+        start = left + (right - left - inner) / 2
+        for k, (_, vs, colour, *notes) in enumerate(series):
+            v = float(vs[i])
+            gap = 1 if bar > 5 else 0
+            a, b = start + k * bar + gap, start + (k + 1) * bar - gap
+            if v > 0:
+                c.rect(a, value_y(box, top, v), b, y1 - 1, colour)
+            if notes and notes[0] is not None:
+                c.bar_label(a, b, value_y(box, top, v), notes[0][i], size=11)
+    c.frame(box)
+    names = [str(s) for s in categories]
+    size = 13 if n <= 12 else 11
+    widest = max([c.text_width(s, size) for s in names] + [0])
+    shown = sparse_labels(n, (x1 - x0) / max(n, 1), widest)
+    for i, (left, right) in enumerate(slots(box, n)):
+        if i in shown:
+            c.text(((left + right) / 2, y1 + 5), names[i], size=size, anchor="ma")
+    if x_title:
+        c.text(((x0 + x1) / 2, y1 + 26), x_title, size=12, anchor="ma")
+    return c.array()
+
+
+def fairness_chart(classes, target, outputs=None, running=None, running_label: str = "running share",
+                   title: str = "SPELL Fairness Report", subtitle: str = "", output_counts=None) -> np.ndarray:
+    """Per class: the target share, this batch's share of outputs (None: not measured; output_counts, if given,
+    are written above its bars) and the running share (None: no count), as grouped bars [HEIGHT, WIDTH, 3]
+    uint8. Shares are fractions (0..1)."""
+    series = [("target", list(target), TARGET)]
+    if outputs is not None:
+        notes = [str(int(n)) for n in output_counts] if output_counts is not None else None
+        label = "this batch's outputs" + (" (how many, above the bars)" if notes else "")
+        series.append((label, list(outputs), OUTPUTS, notes))
+    if running is not None:
+        series.append((running_label, list(running), RUNNING))
+    return bar_chart(classes, series, title, subtitle, y_title="share of outputs", x_title="class")
