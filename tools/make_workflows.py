@@ -1,8 +1,14 @@
 """Writes example_workflows/*.json (ComfyUI's UI format) from the compact graphs below, with widget values
 ordered by the installed nodes' INPUT_TYPES. Run ``python -m tools.make_workflows`` after changing a node's
-inputs; tests/in_comfyui/test_workflows.py converts the files back and runs them, so a renamed input fails CI."""
+inputs; tests/in_comfyui/test_workflows.py converts the files back and runs them, so a renamed input fails CI.
+
+Layout: columns by depth in the graph (left to right), nodes stacked in a column without overlap, sizes from
+each node's slots and widgets (LiteGraph's own rule: 20 px per slot row, 24 px per widget), a Markdown note
+saying what the example shows, and ``extra.ds`` opening the whole graph in a 1280 x 800 window at a zoom
+where the front end still draws text (LiteGraph switches to low-quality drawing below 0.6)."""
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -22,13 +28,19 @@ COMMON = {
 SAMPLER = {"seed": 42, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
 SPELL = {"radius": 0.5, "overcompensation": 1.6, "in_batch": "mutual", "start_percent": 0.0, "end_percent": 1.0,
          "enforce_shield": True}
+# The diversity example, measured over 8 seeds (docs/diversity_example.md, `python -m tools.main_job --sweep`):
+# r = 0.7 raised Vendi on 8 of 8 seeds and the distinct digits on 5 (lowered on 1); r = 0.5 raised Vendi on 7 but
+# the digits on only 3 (lowered on 2). Seed 47's gains are the closest to the 8-seed means (seed 42 is the one
+# seed where r = 0.7 loses a digit).
+SPELL_DIVERSITY = {**SPELL, "radius": 0.7}
+SAMPLER_DIVERSITY = {**SAMPLER, "seed": 47}
 
 
-def tail(spell_inputs: dict, prefix: str) -> dict:
+def tail(spell_inputs: dict, prefix: str, spell: dict = SPELL, sampler: dict = SAMPLER) -> dict:
     """SpellRepellency -> KSampler -> VAE Decode -> Save Image, plus SPELL Report."""
     return {
-        10: ("SpellRepellency", SPELL, {"model": (1, 0), **spell_inputs}),
-        11: ("KSampler", SAMPLER, {"model": (10, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}),
+        10: ("SpellRepellency", spell, {"model": (1, 0), **spell_inputs}),
+        11: ("KSampler", sampler, {"model": (10, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}),
         12: ("VAEDecode", {}, {"samples": (11, 0), "vae": (1, 1)}),
         13: ("SaveImage", {"filename_prefix": prefix}, {"images": (12, 0)}),
         14: ("SpellReport", {}, {"model": (10, 0), "samples": (11, 0)}),
@@ -36,7 +48,7 @@ def tail(spell_inputs: dict, prefix: str) -> dict:
 
 
 GRAPHS = {
-    "spell_diversity": {**COMMON, **tail({}, "spell_diversity")},
+    "spell_diversity": {**COMMON, **tail({}, "spell_diversity", SPELL_DIVERSITY, SAMPLER_DIVERSITY)},
     "spell_protected_set": {
         **COMMON,
         5: ("SpellProtectedSetLoader", {"folder": PROTECTED_FOLDER, "set_file": "(none)", "width": 64, "height": 64,
@@ -68,22 +80,143 @@ GRAPHS = {
 }
 
 
-def to_ui(graph: dict, node_classes: dict) -> dict:
-    """Compact graph {id: (type, widgets, {input: (src id, src slot)})} -> UI-format workflow."""
-    links, nodes = [], []
+NOTES = {
+    "spell_diversity": (
+        "**SPELL: diversity within a batch.** Eight images of \"any digit\" from one fixed seed. SPELL Sparse "
+        "Repellency pushes each image's predicted result away from the other images of the batch whenever two come "
+        "closer than the radius r, and leaves the others untouched.\n\nBypass the SPELL node (Ctrl+B) and run again "
+        "to compare the two batches; SPELL Report shows how often the push acted and each image's distance to its "
+        "nearest neighbour in the batch."),
+    "spell_protected_set": (
+        "**SPELL: a protected set.** The loader encodes 24 images of the digit 1 (ComfyUI's "
+        "input/spell_protected_digits) into a protected set, and SPELL keeps every output at least r away from all "
+        "of them; with enforce_shield on this is a guarantee.\n\nWithout SPELL most outputs of this seed are near "
+        "copies of a protected 1. SPELL Report lists each output's distance to its nearest protected reference: "
+        "all at or above r."),
+    "spell_batch_memory": (
+        "**SPELL: a batch memory across runs.** Press Run several times with the same fixed seed: each run appends "
+        "its outputs to the memory \"demo\" (user/spell/memory/demo.safetensors), and the next run is pushed away "
+        "from everything stored, so each press gives new images instead of the same ones.\n\nSPELL Report's "
+        "\"static references\" grows by 8 per run. To start over, put SPELL Batch Memory Clear between the "
+        "memory and SPELL for one run."),
+    "spell_fairness": (
+        "**SPELL fairness: steer the digit distribution.** The trainer learns small attribute heads from labelled "
+        "demo digits; Distribution Guidance then steers the biased \"any digit\" batch toward a uniform share of "
+        "the ten digits, and the running count keeps the target over many runs.\n\nSPELL Fairness Report compares "
+        "the outputs' digits with the target; run it a few times and watch the running shares approach 10 %."),
+}
+NOTE_ID = 30
+PREVIEW_ID = {"SpellReport": 15, "SpellFairnessReport": 16}
+
+
+def with_previews(graph: dict, node_classes: dict) -> dict:
+    """A Preview Image on every report whose slot 1 is an IMAGE (the report as a picture)."""
+    g = dict(graph)
+    for nid, (kind, _, _) in graph.items():
+        types = getattr(node_classes[kind], "RETURN_TYPES", ())
+        if kind in PREVIEW_ID and len(types) > 1 and types[1] == "IMAGE":
+            g[PREVIEW_ID[kind]] = ("PreviewImage", {}, {"images": (nid, 1)})
+    return g
+
+
+# ------------------------------------------------------------------------------------------------ layout
+TITLE_H, SLOT_H, WIDGET_H = 30, 20, 24  # LiteGraph: NODE_TITLE_HEIGHT, NODE_SLOT_HEIGHT, widget height + gap
+COLUMN_GAP, ROW_GAP, MARGIN = 36, 30, 20
+WINDOW = (1280, 800)  # the window the graph should fit when it opens
+BIG = {"SaveImage": (280, 300), "PreviewImage": (280, 300), "SpellReport": (330, 250),
+       "SpellFairnessReport": (330, 280)}  # room for the images or report text they show after a run
+
+
+def node_size(kind: str, cls, n_inputs: int, n_widgets: int) -> list[int]:
+    """[width, height] of the node's body (the title bar sits above it), as LiteGraph's computeSize would give,
+    enlarged for nodes that show images or text."""
+    names = getattr(cls, "RETURN_NAMES", None) or getattr(cls, "RETURN_TYPES", ())
+    rows = max(n_inputs, len(names), 1)
+    title = getattr(cls, "DISPLAY_NAME", kind)
+    width = max(230, round(7.5 * len(title)) + 50)  # the title at LiteGraph's 14 px font, plus the collapse dot
+    height = rows * SLOT_H + n_widgets * WIDGET_H + 10
+    w, h = BIG.get(kind, (None, None))
+    return [max(width, w or 0), max(height, h or 0)]
+
+
+def columns(graph: dict) -> dict:
+    """Depth of each node: 0 for sources, else one more than its deepest input; sources sit one column before
+    their first consumer, so the graph reads left to right with no long wires back."""
+    depth: dict = {}
+
+    def d(n):
+        if n not in depth:
+            depth[n] = 1 + max((d(src) for src, _ in graph[n][2].values()), default=-1)
+        return depth[n]
+
+    for n in graph:
+        d(n)
+    for n in graph:
+        consumers = [c for c, (_, _, ins) in graph.items() if any(src == n for src, _ in ins.values())]
+        if not graph[n][2] and consumers:
+            depth[n] = max(depth[n], min(depth[c] for c in consumers) - 1)
+    return depth
+
+
+def place(graph: dict, sizes: dict) -> dict:
+    """Top-left corners of the node bodies: columns left to right, each column stacked top-down in the order
+    of the inputs it feeds (so wires cross little), nothing overlapping (title bars included)."""
+    depth = columns(graph)
+
+    def feeds(n):
+        uses = [(depth[c], c, slot) for c, (_, _, ins) in graph.items() for slot, (src, _) in enumerate(ins.values())
+                if src == n]
+        return min(uses, default=(len(graph), n, 0))
+
+    pos, x = {}, MARGIN
+    for col in range(max(depth.values()) + 1):
+        members = sorted((n for n in graph if depth[n] == col), key=feeds)
+        y = MARGIN + TITLE_H
+        for n in members:
+            pos[n] = [x, y]
+            y += sizes[n][1] + TITLE_H + ROW_GAP
+        x += max((sizes[n][0] for n in members), default=0) + COLUMN_GAP
+    return pos
+
+
+def view(boxes: list) -> dict:
+    """extra.ds: the largest scale (at most 1) at which every box [x, y, w, h] fits WINDOW, and the offset that
+    puts the graph's top-left corner at the window's; LiteGraph draws a canvas point p at (p + offset) * scale."""
+    x0 = min(b[0] for b in boxes) - MARGIN
+    y0 = min(b[1] for b in boxes) - MARGIN
+    x1 = max(b[0] + b[2] for b in boxes) + MARGIN
+    y1 = max(b[1] + b[3] for b in boxes) + MARGIN
+    scale = round(min(1.0, WINDOW[0] / (x1 - x0), WINDOW[1] / (y1 - y0)), 3)
+    return {"scale": scale, "offset": [-x0, -y0]}
+
+
+def overlaps(boxes: list) -> list[tuple]:
+    """Pairs of boxes [x, y, w, h] that intersect."""
+    return [(i, j) for i, a in enumerate(boxes) for j, b in enumerate(boxes[i + 1:], i + 1)
+            if a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]]
+
+
+def to_ui(graph: dict, node_classes: dict, note: str | None = None, extra: dict | None = None) -> dict:
+    """Compact graph {id: (type, widgets, {input: (src id, src slot)})} -> UI-format workflow, laid out left to
+    right, with ``note`` as a Markdown note above the graph and ``extra`` merged into the workflow's ``extra``
+    (the place for template metadata such as a description)."""
+    links = []
     out_links: dict[tuple, list] = {}
-    for nid, (_, _, inputs) in graph.items():
+    for nid, (_, _, inputs) in sorted(graph.items()):
         for name, (src, slot) in inputs.items():
             links.append([len(links) + 1, src, slot, nid, None, None])
             out_links.setdefault((src, slot), []).append(len(links))
-    for order, (nid, (kind, widgets, inputs)) in enumerate(sorted(graph.items())):
+    entries, sizes = {}, {}
+    for nid, (kind, widgets, inputs) in sorted(graph.items()):
         cls = node_classes[kind]
-        values = []
+        values, n_widgets = [], 0
         for name, spec in widget_inputs(cls):
             if name in widgets:
                 values.append(widgets[name])
+                n_widgets += 1
                 if has_control_widget(name, spec):
                     values.append("fixed")
+                    n_widgets += 1
         types = {**cls.INPUT_TYPES().get("required", {}), **cls.INPUT_TYPES().get("optional", {})}
         ui_inputs = []
         for slot, name in enumerate(inputs):
@@ -94,21 +227,45 @@ def to_ui(graph: dict, node_classes: dict) -> dict:
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
         outputs = [{"name": n, "type": t, "links": out_links.get((nid, s), []), "slot_index": s}
                    for s, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]
-        column = {1: 0, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1, 10: 2, 11: 3, 12: 4, 13: 5, 14: 4}.get(nid, order)
-        row = {2: 0, 3: 1, 4: 2, 5: 3, 6: 3, 13: 0, 14: 1}.get(nid, 0)
-        nodes.append({"id": nid, "type": kind, "pos": [40 + 340 * column, 60 + 260 * row], "size": [300, 200],
-                      "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs, "outputs": outputs,
-                      "properties": {"Node name for S&R": kind}, "widgets_values": values})
-    return {"last_node_id": max(graph), "last_link_id": len(links), "nodes": nodes, "links": links,
-            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+        sizes[nid] = node_size(kind, cls, len(ui_inputs), n_widgets)
+        entries[nid] = {"id": nid, "type": kind, "pos": None, "size": sizes[nid], "flags": {}, "order": 0,
+                        "mode": 0, "inputs": ui_inputs, "outputs": outputs,
+                        "properties": {"Node name for S&R": kind}, "widgets_values": values}
+    pos = place(graph, sizes)
+    depth = columns(graph)
+    for order, nid in enumerate(sorted(graph, key=lambda n: (depth[n], n))):
+        entries[nid]["pos"], entries[nid]["order"] = pos[nid], order
+    nodes = [entries[n] for n in sorted(entries)]
+    if note:
+        right = max(p[0] + sizes[n][0] for n, p in pos.items())
+        note_size = [min(right - MARGIN, 760), 150]
+        for n in nodes:  # the note takes the top band; the graph moves down below it
+            n["pos"] = [n["pos"][0], n["pos"][1] + note_size[1] + TITLE_H + ROW_GAP]
+        nodes.append({"id": NOTE_ID, "type": "MarkdownNote", "pos": [MARGIN, MARGIN + TITLE_H], "size": note_size,
+                      "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+                      "properties": {}, "widgets_values": [note], "color": "#432", "bgcolor": "#653"})
+    boxes = [[n["pos"][0], n["pos"][1] - TITLE_H, n["size"][0], n["size"][1] + TITLE_H] for n in nodes]
+    clash = overlaps(boxes)
+    if clash:
+        raise ValueError(f"nodes overlap: {[(nodes[i]['id'], nodes[j]['id']) for i, j in clash]}")
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes,
+            "links": links, "groups": [], "config": {}, "extra": {"ds": view(boxes), **(extra or {})},
+            "version": 0.4}
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--no-previews", action="store_true",
+                        help="no Preview Image on the reports even where the installed reports have an IMAGE output")
+    args = parser.parse_args()
     nodes = comfy_host.start(tempfile.mkdtemp(prefix="spell-workflows-"))
     OUT.mkdir(exist_ok=True)
     for name, graph in GRAPHS.items():
-        (OUT / f"{name}.json").write_text(json.dumps(to_ui(graph, nodes.NODE_CLASS_MAPPINGS), indent=1) + "\n")
-        print(f"wrote example_workflows/{name}.json")
+        if not args.no_previews:
+            graph = with_previews(graph, nodes.NODE_CLASS_MAPPINGS)
+        workflow = to_ui(graph, nodes.NODE_CLASS_MAPPINGS, NOTES[name])
+        (OUT / f"{name}.json").write_text(json.dumps(workflow, indent=1) + "\n")
+        print(f"wrote example_workflows/{name}.json (opens at zoom {workflow['extra']['ds']['scale']})")
 
 
 if __name__ == "__main__":
