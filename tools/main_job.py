@@ -1,83 +1,341 @@
 """The main job: runs the pack's example workflows headless through ComfyUI's executor on the embedded demo
-model, each once as shipped (with SPELL) and once with the SPELL node bypassed (same seed), and writes a
-baseline-vs-SPELL grid and the metrics to run/main_job/ (``scripts/run_demo.sh``)."""
+model, each as shipped (with SPELL) and with the SPELL node bypassed (same seed), and writes a labelled figure
+and the metrics to run/main_job/ (``scripts/run_demo.sh``):
+
+- diversity: one batch with and without SPELL, each image's predicted digit under it;
+- protected set: the protected references, then the outputs with their distance to the nearest reference
+  (inside or outside the shield);
+- batch memory: three consecutive runs with one memory (emptied first), the same fixed seed each time, with
+  each output's distance to the earlier runs' outputs: without SPELL the runs repeat exactly, with SPELL the
+  memory pushes runs 2 and 3 away from what came before.
+
+``--sweep`` instead measures the diversity example at several SPELL settings over several seeds
+(docs/diversity_example.md)."""
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from tools import comfy_host
 from tools.workflow import Executor, ui_to_api
 
 ROOT = comfy_host.PACK_DIR
-WORKFLOWS = ("spell_diversity", "spell_protected_set", "spell_batch_memory")
+MEMORY_RUNS = 3
+SWEEP_SEEDS = tuple(range(42, 50))
+SWEEP_SETTINGS = {  # label -> SpellRepellency inputs changed from the shipped diversity example
+    "r 0.5 mutual": dict(radius=0.5, in_batch="mutual"),
+    "r 0.6 mutual": dict(radius=0.6, in_batch="mutual"),
+    "r 0.7 mutual": dict(radius=0.7, in_batch="mutual"),
+    "r 0.85 mutual": dict(radius=0.85, in_batch="mutual"),
+    "r 0.7 ordered": dict(radius=0.7, in_batch="ordered"),
+    "r 0.7 mutual, end 0.5": dict(radius=0.7, in_batch="mutual", end_percent=0.5),
+    "r 0.85 mutual, end 0.5": dict(radius=0.85, in_batch="mutual", end_percent=0.5),
+}
+
+
+# ------------------------------------------------------------------------------------------------ graphs
+def load_example(name: str, nodes) -> dict:
+    workflow = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
+    return ui_to_api(workflow, nodes.NODE_CLASS_MAPPINGS)
+
+
+def node_of(prompt: dict, class_type: str) -> str:
+    return next(n for n, node in prompt.items() if node["class_type"] == class_type)
 
 
 def bypass_spell(prompt: dict) -> dict:
     """The same graph with SpellRepellency bypassed: the sampler takes the model the SPELL node took."""
     g = copy.deepcopy(prompt)
-    spell_ids = [n for n, node in g.items() if node["class_type"] == "SpellRepellency"]
-    for sid in spell_ids:
+    for sid in [n for n, node in g.items() if node["class_type"] == "SpellRepellency"]:
         source = g[sid]["inputs"]["model"]
         for node in g.values():
             for name, value in node["inputs"].items():
                 if value == [sid, 0]:
                     node["inputs"][name] = source
         del g[sid]
-    return {n: node for n, node in g.items() if node["class_type"] != "SpellReport"}
+    reports = {n for n, node in g.items() if node["class_type"] == "SpellReport"}
+    return {n: node for n, node in g.items()  # the reports go, and what shows them (Preview Image)
+            if n not in reports and not any(isinstance(v, list) and v[0] in reports for v in node["inputs"].values())}
 
 
-def sampler_output(prompt: dict, result) -> torch.Tensor:
-    sid = next(n for n, node in prompt.items() if node["class_type"] == "KSampler")
-    return result.outputs[sid][0]["samples"]
+def run(executor: Executor, prompt: dict, what: str):
+    """One queue press: a fresh copy of the prompt, as each POST /prompt brings (ComfyUI writes IS_CHANGED
+    values into the prompt's node dicts)."""
+    result = executor.run(copy.deepcopy(prompt))
+    if not result.success:
+        raise SystemExit(f"{what} failed: {result.error}")
+    return result
 
 
-def metrics(latents: torch.Tensor, evaluator, shield=None, radius=None) -> dict:
-    from demo.data import latents_to_images16
+def sampled(prompt: dict, result) -> torch.Tensor:
+    return result.outputs[node_of(prompt, "KSampler")][0]["samples"]
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+class Scorer:
+    """The demo evaluator: features, predicted digits, and precision/recall against held-out real digits."""
+
+    def __init__(self):
+        from demo.data import digits_split
+        from demo.evaluator import load_evaluator
+
+        self.evaluator = load_evaluator()
+        with torch.no_grad():
+            self.real = self.evaluator.features(digits_split()["test"][0])
+
+    def __call__(self, latents: torch.Tensor):
+        from demo.data import latents_to_images16
+
+        images = latents_to_images16(latents.float())
+        with torch.no_grad():
+            return self.evaluator.features(images), self.evaluator.predict(images).argmax(1)
+
+    def batch(self, latents: torch.Tensor) -> dict:
+        from spell_core import nearest
+        from spell_core.metrics import vendi_score
+
+        feats, classes = self(latents)
+        nn = nearest(latents, latents, ~torch.eye(len(latents), dtype=torch.bool))
+        return {"vendi": round(vendi_score(feats), 3), "distinct classes": int(classes.unique().numel()),
+                "classes": classes.tolist(), "mean nearest-neighbour RMS": round(float(nn.mean()), 4),
+                "closest pair RMS": round(float(nn.min()), 4)}
+
+
+def nearest_earlier(runs: list[torch.Tensor]) -> list[list[float] | None]:
+    """Per run, each output's RMS distance to the nearest output of the runs before it (None for run 1)."""
     from spell_core import nearest
-    from spell_core.metrics import vendi_score
 
-    images = latents_to_images16(latents.float())
-    with torch.no_grad():
-        feats, probs = evaluator.features(images), evaluator.predict(images)
-    b = len(latents)
-    nn = nearest(latents, latents, ~torch.eye(b, dtype=torch.bool))
-    out = {
-        "vendi (evaluator features)": round(vendi_score(feats), 3),
-        "distinct classes": int(probs.argmax(1).unique().numel()),
-        "classes": probs.argmax(1).tolist(),
-        "mean nearest-neighbour RMS distance": round(float(nn.mean()), 4),
-        "closest pair RMS distance": round(float(nn.min()), 4),
-    }
-    if shield is not None:
+    return [None if k == 0 else [round(float(d), 4) for d in nearest(x, torch.cat(runs[:k]))]
+            for k, x in enumerate(runs)]
+
+
+def settings(prompt: dict) -> dict:
+    """SPELL's widgets and the sampler's seed of an example."""
+    spell = prompt[node_of(prompt, "SpellRepellency")]["inputs"]
+    return {**{k: v for k, v in spell.items() if not isinstance(v, list)},
+            "seed": prompt[node_of(prompt, "KSampler")]["inputs"]["seed"]}
+
+
+def spell_label(inputs: dict) -> str:
+    s = f"SPELL r = {inputs['radius']:g}, {inputs['in_batch']}"
+    if inputs["start_percent"] > 0 or inputs["end_percent"] < 1:
+        s += f", steps {inputs['start_percent']:g}-{inputs['end_percent']:g}"
+    return s
+
+
+# ------------------------------------------------------------------------------------------------ figure
+TILE, GAP, LABEL_W, CAPTION_H, TITLE_H = 80, 4, 300, 16, 48
+GOOD, BAD, INK, GREY = (20, 130, 50), (200, 30, 30), (20, 20, 20), (110, 110, 110)
+
+
+class Figure:
+    """Rows of decoded images, each with a label on the left and a caption under every image (Pillow)."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.items: list[tuple] = []
+        self.font = ImageFont.load_default(size=13)
+        self.title_font = ImageFont.load_default(size=17)
+
+    def title(self, text: str, sub: str = ""):
+        self.items.append(("title", text, sub))
+
+    def row(self, label: str, latents: torch.Tensor, captions=None, colours=None, note: str = ""):
+        tiles = self.vae.decode(latents)[..., 0].clamp(0, 1).numpy()
+        self.items.append(("row", label, note, tiles, captions or [""] * len(tiles), colours or [INK] * len(tiles)))
+
+    def save(self, path: Path):
+        cols = max(len(it[3]) for it in self.items if it[0] == "row")
+        row_h = TILE + CAPTION_H + GAP * 2
+        height = sum(TITLE_H if it[0] == "title" else row_h for it in self.items) + GAP
+        canvas = Image.new("RGB", (LABEL_W + cols * (TILE + GAP) + GAP, height), "white")
+        draw = ImageDraw.Draw(canvas)
+        y = GAP
+        for it in self.items:
+            if it[0] == "title":
+                draw.line((GAP, y + 4, canvas.width - GAP, y + 4), fill=GREY)
+                draw.text((GAP * 2, y + 8), it[1], fill=INK, font=self.title_font)
+                draw.text((GAP * 2, y + 29), it[2], fill=GREY, font=self.font)
+                y += TITLE_H
+                continue
+            _, label, note, tiles, captions, colours = it
+            draw.text((GAP * 3, y + TILE // 2 - 16), label, fill=INK, font=self.font)
+            draw.text((GAP * 3, y + TILE // 2 + 2), note, fill=GREY, font=self.font)
+            for j, (img, cap, colour) in enumerate(zip(tiles, captions, colours)):
+                x = LABEL_W + j * (TILE + GAP)
+                grey = Image.fromarray((img * 255).round().astype(np.uint8)).resize((TILE, TILE), Image.Resampling.NEAREST)
+                canvas.paste(grey.convert("RGB"), (x, y))
+                w = draw.textlength(cap, font=self.font)
+                draw.text((x + (TILE - w) / 2, y + TILE + 1), cap, fill=colour, font=self.font)
+            y += row_h
+        canvas.save(path)
+
+
+# ------------------------------------------------------------------------------------------------ examples
+def diversity(nodes, executor, scorer, fig):
+    prompt = load_example("spell_diversity", nodes)
+    spell = prompt[node_of(prompt, "SpellRepellency")]["inputs"]
+    fig.title(f"1. Diversity: one batch of 'any digit', seed {prompt[node_of(prompt, 'KSampler')]['inputs']['seed']}",
+              "under each image: the digit the demo evaluator reads; SPELL pushes the images of a batch apart")
+    entry = {"settings": settings(prompt)}
+    for variant, graph, label in (("baseline", bypass_spell(prompt), "baseline (SPELL bypassed)"),
+                                  ("SPELL", prompt, spell_label(spell))):
+        latents = sampled(graph, run(executor, graph, f"spell_diversity ({variant})"))
+        m = scorer.batch(latents)
+        entry[variant] = m
+        fig.row(f"diversity: {label}", latents, [f"digit {c}" for c in m["classes"]],
+                note=f"Vendi {m['vendi']:.2f}, {m['distinct classes']} digits, closest pair {m['closest pair RMS']:.2f}")
+    return entry
+
+
+def protected_set(nodes, executor, scorer, fig):
+    from spell_core import nearest
+
+    prompt = load_example("spell_protected_set", nodes)
+    spell = prompt[node_of(prompt, "SpellRepellency")]["inputs"]
+    r, loader = spell["radius"], node_of(prompt, "SpellProtectedSetLoader")
+    entry = {"settings": settings(prompt)}
+    shield = None
+    for variant, graph, label in (("SPELL", prompt, spell_label(spell)),
+                                  ("baseline", bypass_spell(prompt), "baseline (SPELL bypassed)")):
+        result = run(executor, graph, f"spell_protected_set ({variant})")
+        latents = sampled(graph, result)
+        if shield is None:
+            shield = result.outputs[loader][0].latents
+            fig.title(f"2. Protected set: {len(shield)} images of digit 1 must not be reproduced (r = {r:g})",
+                      "under each output: RMS distance to its nearest protected reference; red = inside the shield")
+            fig.row("protected references", shield[:8], [f"ref {i + 1}" for i in range(min(8, len(shield)))],
+                    note=f"{min(8, len(shield))} of {len(shield)} shown")
         d = nearest(latents, shield)
-        out["inside the shield"] = f"{int((d < radius).sum())}/{b}"
-        out["nearest protected reference (RMS)"] = round(float(d.min()), 4)
-    return out
+        inside = int((d < r).sum())
+        entry[variant] = {**scorer.batch(latents), "inside the shield": f"{inside}/{len(d)}",
+                          "nearest reference RMS": [round(float(x), 4) for x in d]}
+        fig.row(f"protected: {label}", latents, [f"{float(x):.2f} {'in' if x < r else 'out'}" for x in d],
+                [BAD if x < r else GOOD for x in d],
+                note=f"{inside}/{len(d)} inside the shield")
+    fig.items[-2], fig.items[-1] = fig.items[-1], fig.items[-2]  # baseline row above the SPELL row
+    return entry
 
 
-def grid(rows: list[torch.Tensor], vae, path: Path) -> None:
-    """One row of decoded images per latent batch, 2 px gaps."""
-    tiles = [vae.decode(r)[..., 0].numpy() for r in rows]
-    h, w = tiles[0].shape[1:]
-    n = max(len(t) for t in tiles)
-    canvas = np.ones((len(tiles) * (h + 2), n * (w + 2)), np.float32)
-    for i, t in enumerate(tiles):
-        for j, img in enumerate(t):
-            canvas[i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = img
-    Image.fromarray((canvas * 255).round().astype(np.uint8)).save(path)
+def batch_memory(nodes, executor, scorer, fig):
+    prompt = load_example("spell_batch_memory", nodes)
+    spell = prompt[node_of(prompt, "SpellRepellency")]["inputs"]
+    mem_inputs = prompt[node_of(prompt, "SpellBatchMemory")]["inputs"]
+    memory = nodes.NODE_CLASS_MAPPINGS["SpellBatchMemory"]().open(**mem_inputs)[0]
+    seed = prompt[node_of(prompt, "KSampler")]["inputs"]["seed"]
+    fig.title(f"3. Batch memory: {MEMORY_RUNS} presses of Run with the same fixed seed {seed}, memory emptied first",
+              "under each image: RMS distance to the nearest output of the earlier runs; red = closer than r")
+    entry = {"settings": settings(prompt), "memory": mem_inputs}
+    memory.clear()
+    for variant, graph, label in (("baseline", bypass_spell(prompt), "baseline (SPELL bypassed)"),
+                                  ("SPELL", prompt, spell_label(spell) + ", memory")):
+        runs, sizes = [], []
+        for k in range(MEMORY_RUNS):
+            result = run(executor, graph, f"spell_batch_memory ({variant}, run {k + 1})")
+            runs.append(sampled(graph, result))
+            sizes.append(len(memory))
+        dists = nearest_earlier(runs)
+        entry[variant] = []
+        for k, (x, d) in enumerate(zip(runs, dists)):
+            m = {**scorer.batch(x), "memory size after the run": sizes[k]}
+            if d is not None:
+                m["nearest earlier output RMS"] = d
+                m["min nearest earlier output RMS"] = min(d)
+            entry[variant].append(m)
+            caps = ["first run"] * len(x) if d is None else [f"{v:.2f}" for v in d]
+            colours = [GREY] * len(x) if d is None else [BAD if v < spell["radius"] else GOOD for v in d]
+            fig.row(f"memory run {k + 1}: {label}", x, caps, colours,
+                    note="" if d is None else f"closest to earlier runs: {min(d):.2f}")
+    return entry
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+def sweep(nodes, executor, scorer, seeds, out: Path) -> None:
+    """The diversity example at SWEEP_SETTINGS over seeds; per setting: mean per-batch Vendi and distinct
+    classes, how many seeds each went up / down against the baseline of the same seed, and precision and
+    recall (k = 5) of all outputs pooled against the held-out real digits."""
+    from spell_core.metrics import prdc
+
+    prompt = load_example("spell_diversity", nodes)
+    sid, kid = node_of(prompt, "SpellRepellency"), node_of(prompt, "KSampler")
+    variants = {"baseline (bypassed)": None, **SWEEP_SETTINGS}
+    rows, base = {}, None
+    for label, change in variants.items():
+        per_seed = []
+        for seed in seeds:
+            g = copy.deepcopy(bypass_spell(prompt) if change is None else prompt)
+            g[kid]["inputs"]["seed"] = seed
+            if change is not None:
+                g[sid]["inputs"].update(change)
+            latents = sampled(g, run(executor, g, f"sweep {label} seed {seed}"))
+            per_seed.append((latents, scorer.batch(latents)))
+        feats = scorer(torch.cat([x for x, _ in per_seed]))[0]
+        v = [m["vendi"] for _, m in per_seed]
+        c = [m["distinct classes"] for _, m in per_seed]
+        row = {"vendi": v, "classes": c, "nn": [m["mean nearest-neighbour RMS"] for _, m in per_seed],
+               **{k: round(x, 3) for k, x in prdc(scorer.real, feats, k=5).items()}}
+        if base is None:
+            base = row
+        row["vendi up"] = sum(a > b for a, b in zip(v, base["vendi"]))
+        row["classes up/down"] = (sum(a > b for a, b in zip(c, base["classes"])), sum(a < b for a, b in zip(c, base["classes"])))
+        rows[label] = row
+        print(f"[sweep] {label}: Vendi {statistics.mean(v):.3f}, classes {statistics.mean(c):.2f}, "
+              f"precision {row['precision']}, recall {row['recall']}", flush=True)
+    lines = [f"Seeds {list(seeds)}; batch 8, 20 euler steps, cfg 4, 'any digit'; λ = 1.6 unless noted.", "",
+             "| setting | Vendi (mean) | Δ Vendi | seeds Vendi up | distinct classes (mean) | classes up / down "
+             "(seeds) | precision | recall | NN RMS in batch |", "|---|---|---|---|---|---|---|---|---|"]
+    b_v = statistics.mean(base["vendi"])
+    for label, row in rows.items():
+        up, down = row["classes up/down"]
+        lines.append(f"| {label} | {statistics.mean(row['vendi']):.3f} | {statistics.mean(row['vendi']) - b_v:+.3f} | "
+                     f"{row['vendi up']}/{len(seeds)} | {statistics.mean(row['classes']):.2f} | {up} / {down} | "
+                     f"{row['precision']:.3f} | {row['recall']:.3f} | {statistics.mean(row['nn']):.3f} |")
+    table = "\n".join(lines)
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"seeds": list(seeds), "settings": SWEEP_SETTINGS, "rows": rows}, indent=1))
+    (out / "sweep.md").write_text(table + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ main
+def comfy_version() -> str:
+    try:
+        import comfyui_version
+
+        return comfyui_version.__version__
+    except ImportError:
+        return "unknown"
+
+
+def summary(report: dict) -> str:
+    d, p, m = report["diversity"], report["protected set"], report["batch memory"]
+    mem = lambda v: ", ".join(f"run {k + 1} {e['min nearest earlier output RMS']:.3f}" for k, e in enumerate(m[v]) if k)
+    return "\n".join([
+        "SPELL main job: demo model, batch 8, 20 euler steps, SPELL vs the same graph with SPELL bypassed",
+        f"  diversity (seed {d['settings']['seed']}, {spell_label(d['settings'])}): Vendi {d['baseline']['vendi']:.3f} -> {d['SPELL']['vendi']:.3f}, "
+        f"distinct digits {d['baseline']['distinct classes']} -> {d['SPELL']['distinct classes']}, closest pair RMS "
+        f"{d['baseline']['closest pair RMS']:.3f} -> {d['SPELL']['closest pair RMS']:.3f}",
+        f"  protected set (r = {p['settings']['radius']:g}): outputs inside the shield {p['baseline']['inside the shield']}"
+        f" -> {p['SPELL']['inside the shield']}, nearest reference RMS {min(p['baseline']['nearest reference RMS']):.3f}"
+        f" -> {min(p['SPELL']['nearest reference RMS']):.3f}",
+        f"  batch memory (r = {m['settings']['radius']:g}, seed {m['settings']['seed']} each run): closest output to earlier runs, "
+        f"baseline {mem('baseline')}; SPELL {mem('SPELL')}; memory size {', '.join(str(e['memory size after the run']) for e in m['SPELL'])}",
+    ])
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "run" / "main_job"))
+    parser.add_argument("--sweep", action="store_true", help="measure the diversity example's settings instead")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SWEEP_SEEDS), help="seeds of --sweep")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,41 +343,27 @@ def main():
     nodes = comfy_host.start(out / "comfyui")
     import folder_paths
 
-    from demo.evaluator import load_evaluator
     from tools.demo_assets import write_protected_digits
 
     write_protected_digits(folder_paths.get_input_directory())
-    evaluator = load_evaluator()
-    executor = Executor()
-    report, rows, labels = {}, [], []
-    vae = None
-    for name in WORKFLOWS:
-        workflow = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
-        prompt = ui_to_api(workflow, nodes.NODE_CLASS_MAPPINGS)
-        if name == "spell_batch_memory":
-            memory = nodes.NODE_CLASS_MAPPINGS["SpellBatchMemory"]().open(
-                prompt["6"]["inputs"]["name"], prompt["6"]["inputs"]["capacity"])[0]
-            memory.clear()
-        entry, shield, radius = {}, None, None
-        for variant, graph in (("SPELL", prompt), ("baseline", bypass_spell(prompt))):
-            start = time.perf_counter()
-            result = executor.run(graph)
-            if not result.success:
-                raise SystemExit(f"{name} ({variant}) failed: {result.error}")
-            latents = sampler_output(graph, result)
-            if name == "spell_protected_set" and variant == "SPELL":
-                shield, radius = result.outputs["5"][0].latents, prompt["10"]["inputs"]["radius"]
-            entry[variant] = {"seconds": round(time.perf_counter() - start, 2), **metrics(latents, evaluator, shield, radius)}
-            if variant == "SPELL":
-                entry["report"] = result.ui["14"]["text"][0].splitlines()[:4]
-            vae = vae or result.outputs["1"][1]
-            rows.insert(len(rows) - (variant == "baseline"), latents)  # baseline row above its SPELL row
-            labels.insert(len(labels) - (variant == "baseline"), f"{name} / {variant}")
-            print(f"{name:22s} {variant:9s} " + ", ".join(f"{k}: {v}" for k, v in entry[variant].items() if k != "classes"))
-        report[name] = entry
-    grid(rows, vae, out / "grid.png")
-    (out / "metrics.json").write_text(json.dumps({"rows of grid.png": labels, **report}, indent=1))
-    print(f"wrote {out / 'grid.png'} (rows: {', '.join(labels)}) and {out / 'metrics.json'}")
+    scorer, executor = Scorer(), Executor()
+    if args.sweep:
+        return sweep(nodes, executor, scorer, args.seeds, out)
+    start = time.perf_counter()
+    vae = nodes.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]().load()[1]
+    fig = Figure(vae)
+    report = {"diversity": diversity(nodes, executor, scorer, fig),
+              "protected set": protected_set(nodes, executor, scorer, fig),
+              "batch memory": batch_memory(nodes, executor, scorer, fig)}
+    fig.save(out / "grid.png")
+    rows = [it[1] for it in fig.items if it[0] == "row"]
+    setup = {"model": "embedded demo model", "prompt": "any digit", "negative": "(empty)", "batch": 8,
+             "sampler": "euler, normal, 20 steps, cfg 4", "ComfyUI": comfy_version(),
+             "distances": "RMS over latent elements, in the sampler's latent space"}
+    (out / "metrics.json").write_text(json.dumps({"setup": setup, "grid.png rows (top to bottom)": rows, **report,
+                                                  "wall seconds": round(time.perf_counter() - start, 1)}, indent=1))
+    print(summary(report))
+    print(f"wrote {out / 'grid.png'} ({len(rows)} labelled rows) and {out / 'metrics.json'}")
 
 
 if __name__ == "__main__":
