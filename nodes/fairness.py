@@ -1,8 +1,9 @@
 """Fair generation nodes: attribute heads on U-Net h-space, distribution guidance, running counts, a report.
 
 Hooks (all on clones; the input MODEL is never changed):
-- output block patch (``comfy/ldm/modules/diffusionmodules/openaimodel.py: UNetModel.forward``), acting only
-  when ``transformer_options["block"] == ("output", 0)``, where ``h`` is the middle block's output. Reads
+- h-space patch (``comfy/ldm/modules/diffusionmodules/openaimodel.py: UNetModel.forward``, ``patch_h_space``):
+  the middle block's output ``h``, through ``middle_block_after_patch`` where ComfyUI has it (0.20+), else an
+  output block patch acting only when ``transformer_options["block"] == ("output", 0)``. Reads
   ``transformer_options["cond_or_uncond"]`` (which chunk is the conditional one) and ``["sigmas"]``. The trainer
   uses it to capture h; the guidance uses it to replace h by h − η ∇_h L on the conditional chunks.
 - SAMPLER_SAMPLE wrapper (``comfy/samplers.py: CFGGuider.inner_sample``): starts one ``spell_core.fairness.FairRun``
@@ -66,13 +67,24 @@ def class_folders(base) -> list[str]:
         q.is_dir() and list_images(q) for q in p.iterdir()))
 
 
-def middle_patch(on_h):
-    """An output block patch calling on_h(h, transformer_options) at ("output", 0) only."""
-    def patch(h, hsp, transformer_options):
+def patch_h_space(model, on_h, hook=None):
+    """Has ``on_h(h, transformer_options) -> h`` called on the U-Net middle block's output of every model call.
+
+    Through ``set_model_middle_block_after_patch`` where ComfyUI has it (0.20+; called once per call, after the
+    middle block's ControlNet residual), else through an output block patch acting at ("output", 0) only, which
+    sees the same h. ``hook`` forces one ("middle_block_after" or "output_block"), for tests."""
+    hook = hook or ("middle_block_after" if hasattr(model, "set_model_middle_block_after_patch") else "output_block")
+    if hook == "middle_block_after":
+        def middle_block_after(args):
+            return {**args, "h": on_h(args["h"], args["transformer_options"])}
+        model.set_model_middle_block_after_patch(middle_block_after)
+        return
+
+    def output_block(h, hsp, transformer_options):
         if transformer_options.get("block") != ("output", 0):
             return h, hsp
         return on_h(h, transformer_options), hsp
-    return patch
+    model.set_model_output_block_patch(output_block)
 
 
 def cond_chunks(h, transformer_options):
@@ -112,7 +124,7 @@ def capture_features(model, positive, latents, sigmas_per_level, grid, seed, pro
         return h
 
     m = model.clone()
-    m.set_model_output_block_patch(middle_patch(keep))
+    patch_h_space(m, keep)
     g = torch.Generator().manual_seed(seed)
     chunk = 64
     jobs = []
@@ -410,7 +422,7 @@ class SpellDistributionGuidance:
             return torch.cat(chunks) if guided else h
 
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, key, fair_sampler_sample)
-        patched.set_model_output_block_patch(middle_patch(fair_h))
+        patch_h_space(patched, fair_h)
         patched.model_options.setdefault("transformer_options", {}).setdefault(HISTORY_KEY, []).append(history)
         return (patched,)
 

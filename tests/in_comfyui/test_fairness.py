@@ -154,3 +154,36 @@ def test_models_without_a_middle_block_are_refused(comfy, pack):
     node = comfy.NODE_CLASS_MAPPINGS["SpellDistributionGuidance"]()
     with pytest.raises(ValueError, match="SpellDistributionGuidance: .*no U-Net middle block.*DiT"):
         node.patch(model, heads, "a: 1", 1.0, "batch mean", 8.0, "chi-square")
+
+
+def test_h_space_patch_through_either_hook_sees_and_changes_the_same_h(comfy, pack):
+    """patch_h_space uses middle_block_after_patch where ComfyUI has it (0.20+), else an output block patch at
+    ("output", 0): both routes see the same h at every model call and sampling with a change of h gives
+    bit-identical outputs."""
+    from helpers import sample
+
+    fairness = pack.nodes.fairness
+    model, _, prompts = comfy.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]().load()
+    conds = (prompts.conditioning("any digit"), prompts.conditioning("(empty)"))
+    default = "middle_block_after" if hasattr(model, "set_model_middle_block_after_patch") else "output_block"
+    routes = ["output_block", "middle_block_after"] if default == "middle_block_after" else ["output_block"]
+    seen, outs = {}, {}
+    for hook in routes + [None]:
+        sums = []
+
+        def on_h(h, transformer_options):
+            sums.append(float(h.double().sum()))
+            return h * 1.5
+
+        m = model.clone()
+        fairness.patch_h_space(m, on_h, hook)
+        outs[hook], seen[hook] = sample(comfy, m, conds, batch=2, steps=4), sums
+    plain = sample(comfy, model, conds, batch=2, steps=4)
+    assert len(seen["output_block"]) == 4  # one call per step (cfg: cond and uncond in one batch)
+    assert not torch.equal(outs["output_block"], plain)  # the change of h reaches the output
+    for hook in routes[1:] + [None]:
+        assert seen[hook] == seen["output_block"]
+        assert torch.equal(outs[hook], outs["output_block"])
+    patches = model.clone()
+    fairness.patch_h_space(patches, lambda h, t: h)
+    assert f"{default}_patch" in patches.model_options["transformer_options"]["patches"]
