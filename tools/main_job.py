@@ -67,9 +67,8 @@ def bypass_spell(prompt: dict) -> dict:
 
 
 def run(executor: Executor, prompt: dict, what: str):
-    """One queue press: a fresh copy of the prompt, as each POST /prompt brings (ComfyUI writes IS_CHANGED
-    values into the prompt's node dicts)."""
-    result = executor.run(copy.deepcopy(prompt))
+    """One queue press (Executor.run copies the prompt, as each POST /prompt brings its own)."""
+    result = executor.run(prompt)
     if not result.success:
         raise SystemExit(f"{what} failed: {result.error}")
     return result

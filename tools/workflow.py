@@ -4,6 +4,7 @@ workflows between the UI format (what ``example_workflows/`` and the browser sav
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import itertools
 from dataclasses import dataclass, field
@@ -50,8 +51,11 @@ class Executor:
                                                  cache_args={"ram": 0.0, "ram_inactive": 0.0, "lru": 0})
 
     def run(self, prompt: dict) -> Result:
+        """One queue press. The executor gets its own copy of ``prompt``, as each ``POST /prompt`` brings one:
+        ComfyUI writes IS_CHANGED results into the prompt's node dicts, and a reused dict would freeze them."""
         import execution
 
+        prompt = copy.deepcopy(prompt)
         prompt_id = f"spell-{next(_prompt_ids)}"
         valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
         if not valid:

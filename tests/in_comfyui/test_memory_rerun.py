@@ -1,8 +1,8 @@
 """Pressing Run again: one executor (caches kept across prompts, like a running server) queues the shipped
 spell_batch_memory example again and again with every widget and the seed unchanged. Each run must read the
-memory as it is now and append to it; a graph without a memory must stay cached. Each run gets a fresh copy of the prompt, as each POST /prompt does: ComfyUI writes
-the IS_CHANGED value into the prompt's node dicts and would read it back from a reused dict."""
-import copy
+memory as it is now and append to it; a graph without a memory must stay cached. The same prompt dict is passed
+each time: Executor.run copies it, as each POST /prompt brings its own (ComfyUI writes the IS_CHANGED value into
+the prompt's node dicts and would read it back from a reused dict)."""
 import json
 from pathlib import Path
 
@@ -35,11 +35,11 @@ def test_memory_example_reads_and_grows_on_every_run(comfy):
     memory.clear()
     executor = Executor()
 
-    first = executor.run(copy.deepcopy(prompt))
+    first = executor.run(prompt)
     assert first.success, first.error
     assert static_references(first, report_id) == 0 and len(memory) == batch
 
-    second = executor.run(copy.deepcopy(prompt))  # the same prompt, the same fixed seed
+    second = executor.run(prompt)  # the same prompt, the same fixed seed
     assert second.success, second.error
     assert {mem_id, sampler_id} <= set(second.executed), second.executed
     assert static_references(second, report_id) == batch  # it read the first run's outputs
@@ -48,7 +48,7 @@ def test_memory_example_reads_and_grows_on_every_run(comfy):
     assert not torch.equal(a, b)
 
     memory.clear()  # emptied outside the graph (as a file removed by hand would be)
-    third = executor.run(copy.deepcopy(prompt))
+    third = executor.run(prompt)
     assert third.success, third.error
     assert sampler_id in third.executed
     assert static_references(third, report_id) == 0 and len(memory) == batch
@@ -63,7 +63,7 @@ def test_clear_node_clears_on_every_press(comfy):
     report_id = node_of(prompt, "SpellReport")
     executor = Executor()
     for _ in range(2):
-        result = executor.run(copy.deepcopy(prompt))
+        result = executor.run(prompt)
         assert result.success, result.error
         assert "99" in result.executed and static_references(result, report_id) == 0
 
@@ -71,7 +71,7 @@ def test_clear_node_clears_on_every_press(comfy):
 def test_graph_without_memory_stays_cached(comfy):
     prompt = example(comfy, "spell_diversity")
     executor = Executor()
-    assert executor.run(copy.deepcopy(prompt)).success
-    again = executor.run(copy.deepcopy(prompt))
+    assert executor.run(prompt).success
+    again = executor.run(prompt)
     assert again.success, again.error
     assert again.executed == [], again.executed
