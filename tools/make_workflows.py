@@ -4,7 +4,7 @@ inputs; tests/in_comfyui/test_workflows.py converts the files back and runs them
 
 Layout: columns by depth in the graph (left to right), nodes stacked in a column without overlap, sizes from
 each node's slots and widgets (LiteGraph's own rule: 20 px per slot row, 24 px per widget), a Markdown note
-saying what the example shows, and ``extra.ds`` opening the whole graph in a 1280 x 800 window at a zoom
+saying what the example shows, and ``extra.ds`` opening the whole graph in a 1500 x 900 canvas at a zoom
 where the front end still draws text (LiteGraph switches to low-quality drawing below 0.6)."""
 from __future__ import annotations
 
@@ -122,21 +122,25 @@ def with_previews(graph: dict, node_classes: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ layout
 TITLE_H, SLOT_H, WIDGET_H = 30, 20, 24  # LiteGraph: NODE_TITLE_HEIGHT, NODE_SLOT_HEIGHT, widget height + gap
 COLUMN_GAP, ROW_GAP, MARGIN = 36, 30, 20
-WINDOW = (1280, 800)  # the window the graph should fit when it opens
-BIG = {"SaveImage": (280, 300), "PreviewImage": (280, 300), "SpellReport": (330, 250),
-       "SpellFairnessReport": (330, 280)}  # room for the images or report text they show after a run
+WINDOW = (1500, 900)  # the canvas the graph should fit when it opens: a 1600 x 1000 browser window less the side bar
+IMAGES = {"SaveImage": (280, 300), "PreviewImage": (280, 300)}  # room for the images they show after a run
+# Nodes whose text web/spell.js shows in a box below their widgets after a run: (min width, box height), so the
+# box (80 px at least) fits without the node growing over its neighbours; longer text scrolls in the box.
+TEXT = {"SpellReport": (500, 200), "SpellFairnessReport": (440, 230), "SpellAttributeHeadTrainer": (330, 170),
+        "SpellProtectedSetLoader": (300, 90), "SpellDemoDigitExamples": (260, 90)}
 
 
 def node_size(kind: str, cls, n_inputs: int, n_widgets: int) -> list[int]:
     """[width, height] of the node's body (the title bar sits above it), as LiteGraph's computeSize would give,
-    enlarged for nodes that show images or text."""
+    enlarged for nodes that show images or text after a run."""
     names = getattr(cls, "RETURN_NAMES", None) or getattr(cls, "RETURN_TYPES", ())
     rows = max(n_inputs, len(names), 1)
     title = getattr(cls, "DISPLAY_NAME", kind)
     width = max(230, round(7.5 * len(title)) + 50)  # the title at LiteGraph's 14 px font, plus the collapse dot
     height = rows * SLOT_H + n_widgets * WIDGET_H + 10
-    w, h = BIG.get(kind, (None, None))
-    return [max(width, w or 0), max(height, h or 0)]
+    text_w, text_h = TEXT.get(kind, (0, 0))
+    image_w, image_h = IMAGES.get(kind, (0, 0))
+    return [max(width, text_w, image_w), max(height + text_h, image_h)]
 
 
 def columns(graph: dict) -> dict:

@@ -70,14 +70,20 @@ def page(server, browser):
     context.close()
 
 
+SEARCH_BOXES = (  # (text field, listed display names): front end 1.32.9's node search box, then 1.49.6's
+    ("input[id^='comfy-vue-node-search-box-input']", ".comfy-vue-node-search-container .option-display-name"),
+    ("[role=search] input[role=combobox]", "#results-list [data-testid=result-item] .text-foreground > span.truncate"),
+)
+
+
 def search_box_results(page, query: str) -> list[str]:
     """Types ``query`` into the front end's node search box and returns the display names it lists."""
-    field = page.locator("input[id^='comfy-vue-node-search-box-input']")
     page.evaluate("() => app.extensionManager.command.execute('Workspace.SearchBox.Toggle')")
-    field.wait_for(state="visible", timeout=10_000)
+    page.locator(", ".join(f for f, _ in SEARCH_BOXES)).first.wait_for(state="visible", timeout=10_000)
+    field, listed = next((page.locator(f), names) for f, names in SEARCH_BOXES if page.locator(f).is_visible())
     field.fill(query)
     page.wait_for_timeout(700)  # the box debounces typing
-    names = page.locator(".comfy-vue-node-search-container .option-display-name").all_inner_texts()
+    names = page.locator(listed).all_inner_texts()
     page.keyboard.press("Escape")
     field.wait_for(state="hidden", timeout=10_000)
     return [n.strip() for n in names]
@@ -93,7 +99,9 @@ def test_node_search_finds_sparse_repellency(page, query):
 def open_template(page, name: str):
     """Workflow templates dialog -> the pack's section -> the card ``name``; returns the card's thumbnail size."""
     page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    dialog = page.locator(".workflow-template-selector-dialog")
+    # front end 1.32.9's dialog, then 1.49.6's
+    dialog = page.locator(".workflow-template-selector-dialog, "
+                          "[role=dialog]:has([data-testid=template-workflows-content])").first
     dialog.wait_for(state="visible", timeout=20_000)
     dialog.locator("[role=button]", has_text="comfyui-spell").first.click()
     card = dialog.locator(f"[data-testid='template-workflow-{name}']")

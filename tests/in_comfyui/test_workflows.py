@@ -30,3 +30,16 @@ def test_example_workflow_runs(comfy, executor, path):
     reports = [n for n, node in prompt.items() if node["class_type"] == "SpellReport"]
     for n in reports:
         assert "push active" in result.ui[n]["text"][0]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_example_workflow_reads_well(path):
+    """As committed: no two nodes overlap (title bars included) and the graph opens at a zoom where LiteGraph
+    still draws text (it switches to low-quality drawing below 0.6), with a note saying what the example shows."""
+    from tools.make_workflows import TITLE_H, overlaps
+
+    workflow = json.loads(path.read_text())
+    boxes = [[n["pos"][0], n["pos"][1] - TITLE_H, n["size"][0], n["size"][1] + TITLE_H] for n in workflow["nodes"]]
+    assert overlaps(boxes) == []
+    assert 0.6 <= workflow["extra"]["ds"]["scale"] <= 1.0
+    assert any(n["type"] == "MarkdownNote" and n["widgets_values"][0].strip() for n in workflow["nodes"])
