@@ -4,7 +4,7 @@ inputs; tests/in_comfyui/test_workflows.py converts the files back and runs them
 
 Layout: columns by depth in the graph (left to right), nodes stacked in a column without overlap, sizes from
 each node's slots and widgets (LiteGraph's own rule: 20 px per slot row, 24 px per widget), a Markdown note
-saying what the example shows, and ``extra.ds`` opening the whole graph in a 1500 x 900 canvas at a zoom
+saying what the example shows, and ``extra.ds`` opening the whole graph in a 1600 x 1000 window at a zoom
 where the front end still draws text (LiteGraph switches to low-quality drawing below 0.6)."""
 from __future__ import annotations
 
@@ -122,7 +122,8 @@ def with_previews(graph: dict, node_classes: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ layout
 TITLE_H, SLOT_H, WIDGET_H = 30, 20, 24  # LiteGraph: NODE_TITLE_HEIGHT, NODE_SLOT_HEIGHT, widget height + gap
 COLUMN_GAP, ROW_GAP, MARGIN = 36, 30, 20
-WINDOW = (1500, 900)  # the canvas the graph should fit when it opens: a 1600 x 1000 browser window less the side bar
+WINDOW = (1600, 1000)  # the browser window the graph should fit when it opens
+INSETS = (64, 84, 16, 40)  # left, top, right, bottom: the front end's side bar, tab bar and menus over the canvas
 IMAGES = {"SaveImage": (280, 300), "PreviewImage": (280, 300)}  # room for the images they show after a run
 # Nodes whose text web/spell.js shows in a box below their widgets after a run: (min width, box height), so the
 # box (80 px at least) fits without the node growing over its neighbours; longer text scrolls in the box.
@@ -184,14 +185,16 @@ def place(graph: dict, sizes: dict) -> dict:
 
 
 def view(boxes: list) -> dict:
-    """extra.ds: the largest scale (at most 1) at which every box [x, y, w, h] fits WINDOW, and the offset that
-    puts the graph's top-left corner at the window's; LiteGraph draws a canvas point p at (p + offset) * scale."""
+    """extra.ds: the largest scale (at most 1) at which every box [x, y, w, h] fits WINDOW less INSETS, and the
+    offset that puts the graph's top-left corner at the insets' corner; LiteGraph draws a canvas point p at
+    (p + offset) * scale."""
     x0 = min(b[0] for b in boxes) - MARGIN
     y0 = min(b[1] for b in boxes) - MARGIN
     x1 = max(b[0] + b[2] for b in boxes) + MARGIN
     y1 = max(b[1] + b[3] for b in boxes) + MARGIN
-    scale = round(min(1.0, WINDOW[0] / (x1 - x0), WINDOW[1] / (y1 - y0)), 3)
-    return {"scale": scale, "offset": [-x0, -y0]}
+    left, top, right, bottom = INSETS
+    scale = round(min(1.0, (WINDOW[0] - left - right) / (x1 - x0), (WINDOW[1] - top - bottom) / (y1 - y0)), 3)
+    return {"scale": scale, "offset": [round(left / scale - x0), round(top / scale - y0)]}
 
 
 def overlaps(boxes: list) -> list[tuple]:
