@@ -122,8 +122,10 @@ def server():
     shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """Chromium for one module. Not per session: the sync Playwright keeps an event loop running in this thread
+    while it is open, and the node tests' asyncio.run (ComfyUI's executor) refuses to start inside it."""
     _require()
     from playwright.sync_api import sync_playwright
 
