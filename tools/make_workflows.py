@@ -9,6 +9,7 @@ where the front end still draws text (LiteGraph switches to low-quality drawing 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 from pathlib import Path
@@ -124,7 +125,7 @@ TITLE_H, SLOT_H, WIDGET_H = 30, 20, 24  # LiteGraph: NODE_TITLE_HEIGHT, NODE_SLO
 COLUMN_GAP, ROW_GAP, MARGIN = 36, 30, 20
 WINDOW = (1600, 1000)  # the browser window the graph should fit when it opens
 INSETS = (64, 84, 16, 40)  # left, top, right, bottom: the front end's side bar, tab bar and menus over the canvas
-IMAGES = {"SaveImage": (280, 300), "PreviewImage": (280, 300)}  # room for the images they show after a run
+IMAGES = {"SaveImage": (280, 260), "PreviewImage": (280, 260)}  # room for the images they show after a run
 # Nodes whose text web/spell.js shows in a box below their widgets after a run: (min width, box height), so the
 # box (80 px at least) fits without the node growing over its neighbours; longer text scrolls in the box.
 TEXT = {"SpellReport": (500, 200), "SpellFairnessReport": (440, 230), "SpellAttributeHeadTrainer": (330, 170),
@@ -144,9 +145,10 @@ def node_size(kind: str, cls, n_inputs: int, n_widgets: int) -> list[int]:
     return [max(width, text_w, image_w), max(height + text_h, image_h)]
 
 
-def columns(graph: dict) -> dict:
+def columns(graph: dict, stack_sinks: bool = False) -> dict:
     """Depth of each node: 0 for sources, else one more than its deepest input; sources sit one column before
-    their first consumer, so the graph reads left to right with no long wires back."""
+    their first consumer, so the graph reads left to right with no long wires back. ``stack_sinks``: image
+    nodes at the end of a wire (Save Image, Preview Image) go into their source's column, below it."""
     depth: dict = {}
 
     def d(n):
@@ -160,18 +162,24 @@ def columns(graph: dict) -> dict:
         consumers = [c for c, (_, _, ins) in graph.items() if any(src == n for src, _ in ins.values())]
         if not graph[n][2] and consumers:
             depth[n] = max(depth[n], min(depth[c] for c in consumers) - 1)
+    if stack_sinks:
+        for n, (kind, _, ins) in graph.items():
+            if kind in IMAGES and len(ins) == 1 and not any(src == n for _, _, i in graph.values() for src, _ in i.values()):
+                depth[n] = depth[next(iter(ins.values()))[0]]
     return depth
 
 
-def place(graph: dict, sizes: dict) -> dict:
+def place(graph: dict, sizes: dict, depth: dict) -> dict:
     """Top-left corners of the node bodies: columns left to right, each column stacked top-down in the order
-    of the inputs it feeds (so wires cross little), nothing overlapping (title bars included)."""
-    depth = columns(graph)
-
+    of the inputs it feeds (so wires cross little; a sink right below its source), nothing overlapping (title
+    bars included)."""
     def feeds(n):
-        uses = [(depth[c], c, slot) for c, (_, _, ins) in graph.items() for slot, (src, _) in enumerate(ins.values())
-                if src == n]
-        return min(uses, default=(len(graph), n, 0))
+        ins = graph[n][2]
+        if ins and depth[next(iter(ins.values()))[0]] == depth[n]:  # a sink stacked in its source's column
+            return feeds(next(iter(ins.values()))[0])[:3] + (1,)
+        uses = [(depth[c], c, slot, 0) for c, (_, _, i) in graph.items() for slot, (src, _) in enumerate(i.values())
+                if src == n and depth[c] != depth[n]]
+        return min(uses, default=(len(graph), n, 0, 0))
 
     pos, x = {}, MARGIN
     for col in range(max(depth.values()) + 1):
@@ -195,6 +203,24 @@ def view(boxes: list) -> dict:
     left, top, right, bottom = INSETS
     scale = round(min(1.0, (WINDOW[0] - left - right) / (x1 - x0), (WINDOW[1] - top - bottom) / (y1 - y0)), 3)
     return {"scale": scale, "offset": [round(left / scale - x0), round(top / scale - y0)]}
+
+
+def node_boxes(nodes: list) -> list:
+    """[x, y, w, h] of each UI node, title bar included."""
+    return [[n["pos"][0], n["pos"][1] - TITLE_H, n["size"][0], n["size"][1] + TITLE_H] for n in nodes]
+
+
+def template_fit(boxes: list) -> float:
+    """The zoom newer front ends (1.49) open a template at, ignoring extra.ds: LGraphCanvas fitView, i.e.
+    ``ds.fitToBounds`` of the nodes' bounds with its default zoom 0.75, in WINDOW."""
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+    return 0.75 * min(WINDOW[0] / max(x1 - x0, 300), WINDOW[1] / max(y1 - y0, 300))
+
+
+def opening_zoom(boxes: list) -> float:
+    """The smaller of the zooms the two front end lines open the graph at (extra.ds; fitView for templates)."""
+    return min(view(boxes)["scale"], template_fit(boxes))
 
 
 def overlaps(boxes: list) -> list[tuple]:
@@ -238,27 +264,33 @@ def to_ui(graph: dict, node_classes: dict, note: str | None = None, extra: dict 
         entries[nid] = {"id": nid, "type": kind, "pos": None, "size": sizes[nid], "flags": {}, "order": 0,
                         "mode": 0, "inputs": ui_inputs, "outputs": outputs,
                         "properties": {"Node name for S&R": kind}, "widgets_values": values}
-    pos = place(graph, sizes)
-    depth = columns(graph)
+    layouts = [arrange(copy.deepcopy(entries), graph, sizes, note, stack) for stack in (False, True)]
+    nodes, boxes, ds = max(layouts, key=lambda layout: opening_zoom(layout[1]))  # first on ties
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes,
+            "links": links, "groups": [], "config": {}, "extra": {"ds": ds, **(extra or {})}, "version": 0.4}
+
+
+def arrange(entries: dict, graph: dict, sizes: dict, note: str | None, stack_sinks: bool):
+    """(nodes, their boxes, extra.ds) for one layout: the entries placed, the note above them."""
+    depth = columns(graph, stack_sinks)
+    pos = place(graph, sizes, depth)
     for order, nid in enumerate(sorted(graph, key=lambda n: (depth[n], n))):
         entries[nid]["pos"], entries[nid]["order"] = pos[nid], order
     nodes = [entries[n] for n in sorted(entries)]
     if note:
         right = max(p[0] + sizes[n][0] for n, p in pos.items())
         note_size = [min(right - MARGIN, 760), 150]
-        for n in nodes:  # the note takes the top band; the graph moves down below it
-            n["pos"] = [n["pos"][0], n["pos"][1] + note_size[1] + TITLE_H + ROW_GAP]
+        for n in nodes:  # the note takes the top band of the columns it spans; they move down below it
+            if n["pos"][0] < MARGIN + note_size[0]:
+                n["pos"] = [n["pos"][0], n["pos"][1] + note_size[1] + TITLE_H + ROW_GAP]
         nodes.append({"id": NOTE_ID, "type": "MarkdownNote", "pos": [MARGIN, MARGIN + TITLE_H], "size": note_size,
                       "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
                       "properties": {}, "widgets_values": [note], "color": "#432", "bgcolor": "#653"})
-    boxes = [[n["pos"][0], n["pos"][1] - TITLE_H, n["size"][0], n["size"][1] + TITLE_H] for n in nodes]
+    boxes = node_boxes(nodes)
     clash = overlaps(boxes)
     if clash:
         raise ValueError(f"nodes overlap: {[(nodes[i]['id'], nodes[j]['id']) for i, j in clash]}")
-    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes,
-            "links": links, "groups": [], "config": {}, "extra": {"ds": view(boxes), **(extra or {})},
-            "version": 0.4}
-
+    return nodes, boxes, view(boxes)
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
@@ -272,7 +304,9 @@ def main():
             graph = with_previews(graph, nodes.NODE_CLASS_MAPPINGS)
         workflow = to_ui(graph, nodes.NODE_CLASS_MAPPINGS, NOTES[name])
         (OUT / f"{name}.json").write_text(json.dumps(workflow, indent=1) + "\n")
-        print(f"wrote example_workflows/{name}.json (opens at zoom {workflow['extra']['ds']['scale']})")
+        boxes = node_boxes(workflow["nodes"])
+        print(f"wrote example_workflows/{name}.json (opens at zoom {workflow['extra']['ds']['scale']}; "
+              f"from the template browser of newer front ends {template_fit(boxes):.3f})")
 
 
 if __name__ == "__main__":
