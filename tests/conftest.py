@@ -16,10 +16,17 @@ if str(ROOT) not in sys.path:
 
 @pytest.fixture(scope="session")
 def comfy():
-    """ComfyUI's ``nodes`` module, started once per session by tests/nodes/conftest.py, pack loaded."""
+    """ComfyUI's ``nodes`` module, pack loaded: started once per session by tests/in_comfyui/conftest.py, or here
+    in a temporary base directory when only other folders' tests run."""
+    import tempfile
+
     from tools import comfy_host
 
-    return comfy_host.start(comfy_host.current_base())
+    try:
+        base = comfy_host.current_base()
+    except ModuleNotFoundError:  # ComfyUI not imported yet
+        base = tempfile.mkdtemp(prefix="spell-comfyui-")
+    return comfy_host.start(base)
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACK = "comfyui-spell"  # the folder name a user gets (the Registry id; cm-cli takes it from the URL)
 START_TIMEOUT_S = 240
+RUN_TIMEOUT_S = 300
 
 # comfy node pack must leave these out, and must keep these in (paths inside the archive).
 NOT_SHIPPED = ("tests/", "docs/", "benchmarks/", "scripts/", "tools/", ".ci/", "run/", ".venv/",
@@ -118,12 +119,39 @@ def _get(url: str):
         return json.loads(response.read())
 
 
-def _serve_and_read(comfyui: Path, home: Path, log: Path) -> tuple[dict, dict]:
-    """Starts ``main.py --cpu`` on loopback, returns (/object_info, /api/workflow_templates), stops it."""
+def _without_sklearn(tmp: Path) -> str:
+    """A folder whose ``sklearn`` package fails to import: put first on the server's PYTHONPATH, it shows that
+    the installed pack and its templates need nothing that ComfyUI does not bring (the test venv has it)."""
+    fake = tmp / "no-sklearn" / "sklearn"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("scikit-learn is not part of ComfyUI")\n')
+    return str(fake.parent)
+
+
+def _run_prompts(port: int, prompts: dict, log: Path):
+    """POST /prompt each API-format prompt and waits for its history entry; each must succeed."""
+    for name, prompt in prompts.items():
+        body = json.dumps({"prompt": prompt, "client_id": "spell-install-test"}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/prompt", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            prompt_id = json.loads(response.read())["prompt_id"]
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (entry := _get(f"http://127.0.0.1:{port}/history/{prompt_id}").get(prompt_id)):
+            assert time.monotonic() < deadline, f"{name} did not finish in {RUN_TIMEOUT_S} s\n{log.read_text()[-6000:]}"
+            time.sleep(0.5)
+        status = entry.get("status", {})
+        assert status.get("status_str") == "success", f"{name}: {status}\n{log.read_text()[-6000:]}"
+
+
+def _serve_and_read(comfyui: Path, home: Path, log: Path, prompts: dict | None = None) -> tuple[dict, dict]:
+    """Starts ``main.py --cpu`` on loopback (scikit-learn unimportable), returns (/object_info,
+    /api/workflow_templates), runs ``prompts`` through POST /prompt, stops it."""
     port = _free_port()
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-api-nodes"]
+    env = _env(home, PYTHONPATH=os.pathsep.join(filter(None, [_without_sklearn(log.parent),
+                                                                os.environ.get("PYTHONPATH")])))
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=comfyui, stdout=out, stderr=subprocess.STDOUT, env=_env(home))
+        proc = subprocess.Popen(cmd, cwd=comfyui, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -137,6 +165,8 @@ def _serve_and_read(comfyui: Path, home: Path, log: Path) -> tuple[dict, dict]:
                     pytest.fail(f"ComfyUI did not answer in {START_TIMEOUT_S} s:\n{log.read_text()[-6000:]}")
                 time.sleep(0.5)
         templates = _get(f"http://127.0.0.1:{port}/api/workflow_templates")
+        if prompts:
+            _run_prompts(port, prompts, log)
         return info, templates
     finally:
         proc.terminate()
@@ -169,7 +199,16 @@ def _check_loaded(info: dict, templates: dict, pack_dir: Path, log: Path):
     assert len(list((comfyui / "input" / "spell_protected_digits").glob("*.png"))) == 24, log.read_text()[-6000:]
 
 
-def test_manager_cm_cli_installs_from_local_git_url_and_comfyui_loads_it(clone, fresh_comfyui, home, tmp_path):
+def _example_prompts(comfy, pack_dir: Path) -> dict:
+    """The installed pack's example workflows in API format (widget order from the node classes)."""
+    from tools.workflow import ui_to_api
+
+    return {p.stem: ui_to_api(json.loads(p.read_text()), comfy.NODE_CLASS_MAPPINGS)
+            for p in sorted((pack_dir / "example_workflows").glob("*.json"))}
+
+
+def test_manager_cm_cli_installs_from_local_git_url_and_comfyui_loads_it(comfy, clone, fresh_comfyui, home, tmp_path):
+    """...and every template runs in it, with nothing prepared by hand (its input folder comes with the pack)."""
     _need("cm_cli", "comfyui-manager (cm-cli)")
     url = f"file://localhost{clone.as_posix()}"  # cm-cli takes a URL only with a host part
     res = _run(_offline_prefix() + [sys.executable, "-m", "cm_cli", "install", "--exit-on-fail", url],
@@ -180,7 +219,7 @@ def test_manager_cm_cli_installs_from_local_git_url_and_comfyui_loads_it(clone, 
     assert _run(["git", "-C", str(installed), "rev-parse", "HEAD"]).stdout.strip() == head
 
     log = tmp_path / "comfyui.log"
-    info, templates = _serve_and_read(fresh_comfyui, home, log)
+    info, templates = _serve_and_read(fresh_comfyui, home, log, _example_prompts(comfy, installed))
     _check_loaded(info, templates, installed, log)
 
 
