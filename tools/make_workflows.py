@@ -14,11 +14,11 @@ import json
 import tempfile
 from pathlib import Path
 
+from demo.example_inputs import PROTECTED_FOLDER  # written into ComfyUI's input folder by the pack on its first start
 from tools import comfy_host
 from tools.workflow import has_control_widget, widget_inputs
 
 OUT = comfy_host.PACK_DIR / "example_workflows"
-PROTECTED_FOLDER = "spell_protected_digits"  # copied into ComfyUI's input folder by the main job and the tests
 
 COMMON = {
     1: ("SpellDemoModelLoader", {"weights": "demo_model.safetensors"}, {}),
