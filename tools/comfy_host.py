@@ -53,17 +53,27 @@ _started: dict = {}
 # the "some comfy_extras/ nodes did not import correctly" summary, and "x missing, <model> will be broken".
 # Only records about comfy_extras match, so a failure of the pack itself (under custom_nodes/) always shows.
 _MISSING = re.compile(r"No module named '([\w.]+)'|^(\w+) missing, .* will be broken")
+# Headless only (no web server): newer ComfyUI's built-in extensions that register web routes at load (0.33:
+# nodes_replacements) log "Error while calling comfy_entrypoint in <...>/comfy_extras/<file>: type object
+# 'PromptServer' has no attribute 'instance'".
+_NEEDS_SERVER = re.compile(r"comfy_entrypoint in .*comfy_extras/(\w+\.py): .*'PromptServer' has no attribute 'instance'")
 
 
 class _OptionalImportFilter(logging.Filter):
-    def __init__(self):
+    def __init__(self, headless: bool = False):
         super().__init__()
+        self.headless = headless
+        self.need_server: set[str] = set()  # comfy_extras files that need the web server (headless only)
         self.missing: set[str] = set()
         self.skipped: set[str] = set()  # comfy_extras files that failed on a missing optional module
         self.in_summary = False
 
     def filter(self, record):
         text = record.getMessage()
+        server = _NEEDS_SERVER.search(text) if self.headless else None
+        if server:
+            self.need_server.add(server.group(1))
+            return False
         found = _MISSING.search(text)
         if found and (found.group(2) or "comfy_extras" in text):
             self.missing.add((found.group(1) or found.group(2)).split(".")[0])
@@ -87,13 +97,17 @@ class _OptionalImportFilter(logging.Filter):
             print(f"[comfy_host] not installed: {', '.join(sorted(self.missing))}; ComfyUI skipped the built-in "
                   f"nodes that need it (the pack does not use them)", file=sys.stderr)
             self.missing.clear()
+        if self.need_server:
+            print(f"[comfy_host] headless, no web server: ComfyUI skipped {', '.join(sorted(self.need_server))} "
+                  f"(web routes only)", file=sys.stderr)
+            self.need_server.clear()
 
 
 @contextlib.contextmanager
 def _quiet_optional_imports():
     """Drops ComfyUI's optional-import warnings while its built-in nodes load, then says in one line what is
     missing; every other record (and everything after, the pack's own errors included) still shows."""
-    quiet = _OptionalImportFilter()
+    quiet = _OptionalImportFilter(headless=True)
     logging.getLogger().addFilter(quiet)
     try:
         yield
