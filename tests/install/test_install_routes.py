@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from support import free_port, require
 
 ROOT = Path(__file__).resolve().parents[2]
 PACK = "comfyui-spell"  # the folder name a user gets (the Registry id; cm-cli takes it from the URL)
@@ -45,10 +45,7 @@ SHIPPED_TREES = ("nodes/", "spell_core/", "web/", "example_workflows/")  # every
 
 def _need(module: str, package: str):
     if importlib.util.find_spec(module) is None:
-        message = f"{package} is not installed (scripts/setup.sh installs it from requirements-dev.txt)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        require(f"{package} is not installed (scripts/setup.sh installs it from requirements-dev.txt)")
 
 
 def _offline_prefix() -> list[str]:
@@ -108,12 +105,6 @@ def fresh_comfyui(tmp_path) -> Path:
     return dest
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str):
     with urllib.request.urlopen(url, timeout=30) as response:
         return json.loads(response.read())
@@ -146,7 +137,7 @@ def _run_prompts(port: int, prompts: dict, log: Path):
 def _serve_and_read(comfyui: Path, home: Path, log: Path, prompts: dict | None = None) -> tuple[dict, dict]:
     """Starts ``main.py --cpu`` on loopback (scikit-learn unimportable), returns (/object_info,
     /api/workflow_templates), runs ``prompts`` through POST /prompt, stops it."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-api-nodes"]
     env = _env(home, PYTHONPATH=os.pathsep.join(filter(None, [_without_sklearn(log.parent),
                                                                 os.environ.get("PYTHONPATH")])))
