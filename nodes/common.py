@@ -1,4 +1,5 @@
-"""What the node modules share: errors that name the node and the fix, and the pack's folders."""
+"""What the node modules share: errors that name the node and the fix, the pack's folders, and the state of
+files that runs change (for ``IS_CHANGED``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,3 +19,27 @@ def user_folder(*parts: str) -> Path:
     path = Path(folder_paths.get_user_directory(), "spell", *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def file_state(path) -> str:
+    """What changes whenever a file is written, replaced or removed: size, mtime and inode."""
+    try:
+        st = Path(path).stat()
+    except FileNotFoundError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+_SEEN: dict[str, tuple[str, int]] = {}  # file -> (last state seen, how many changes seen in this process)
+
+
+def stored_state(path) -> str:
+    """For ``IS_CHANGED`` of nodes whose state is a file that runs change (batch memory, running count): the
+    file's state with a count of changes, so that a state never repeats within a process (a file emptied again
+    is not the empty file of an earlier run, whose cached outputs an LRU cache may still hold)."""
+    state = file_state(path)
+    last, changes = _SEEN.get(str(path), (None, 0))
+    if state != last:
+        changes += 1
+        _SEEN[str(path)] = (state, changes)
+    return f"{state}#{changes}"

@@ -34,7 +34,7 @@ from ..spell_core.fairness import (DIVERGENCES, LOSSES, AttributeHeads, FairConf
 from ..spell_core.references import list_images, read_image
 from ..spell_core.run import RunHistory
 from ..spell_core.storage import StorageError, inside
-from .common import SpellInputError, user_folder
+from .common import SpellInputError, stored_state, user_folder
 from .report import image_batch
 
 HEADS = "spell_heads"
@@ -301,6 +301,11 @@ class SpellAttributeHeadLoader:
         return {"ui": {"text": [summary]}, "result": (heads, summary)}
 
 
+def count_path(node_id, name) -> Path:
+    check_name(node_id, name, "count name")
+    return user_folder("fairness") / f"{name}.json"
+
+
 class SpellFairnessCount:
     NODE_ID = "SpellFairnessCount"
     DISPLAY_NAME = "SPELL Fairness Running Count"
@@ -327,11 +332,18 @@ class SpellFairnessCount:
 
     @classmethod
     def IS_CHANGED(cls, name, reset):
-        return math.nan if reset else name
+        """reset: an action, run on every queue (a fresh NaN: ComfyUI's signature compares the shared math.nan
+        equal to itself). Else the count file's state: after a run added to it, this node and everything
+        downstream (guidance, sampler) run again instead of being served from ComfyUI's output cache."""
+        if reset:
+            return float("nan")
+        try:
+            return stored_state(count_path(cls.NODE_ID, name))
+        except SpellInputError:
+            return name  # a bad name: the node itself runs and reports it
 
     def open(self, name, reset):
-        check_name(self.NODE_ID, name, "count name")
-        count = open_count(user_folder("fairness") / f"{name}.json")
+        count = open_count(count_path(self.NODE_ID, name))
         if reset:
             count.reset()
         return (count,)
@@ -520,7 +532,7 @@ class SpellFairnessReport:
 
     @classmethod
     def IS_CHANGED(cls, **kwargs):
-        return math.nan  # reads state left by the last run
+        return float("nan")  # reads state left by the last run (a fresh NaN: the shared math.nan equals itself)
 
     def report(self, model, heads, samples, count=None):
         histories = model.model_options.get("transformer_options", {}).get(HISTORY_KEY, [])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from ..spell_core import open_memory
-from .common import SpellInputError, user_folder
+from .common import SpellInputError, stored_state, user_folder
 
 NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -27,29 +27,6 @@ def memory_for(node_id: str, name: str, capacity: int):
     if capacity < 1:
         raise SpellInputError(node_id, f"capacity must be ≥ 1, got {capacity}.")
     return open_memory(memory_path(node_id, name), capacity)
-
-
-def file_state(path) -> str:
-    """What changes whenever the memory file is written, replaced or removed: size, mtime and inode."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return "missing"
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
-
-
-_SEEN: dict[str, tuple[str, int]] = {}  # memory file -> (last state seen, how many changes seen in this process)
-
-
-def memory_state(path) -> str:
-    """The file's state with a count of changes, so that a state never repeats within a process (a memory
-    emptied again is not the empty memory of an earlier run, whose cached outputs a LRU cache may still hold)."""
-    state = file_state(path)
-    last, changes = _SEEN.get(str(path), (None, 0))
-    if state != last:
-        changes += 1
-        _SEEN[str(path)] = (state, changes)
-    return f"{state}#{changes}"
 
 
 class SpellBatchMemory:
@@ -81,7 +58,7 @@ class SpellBatchMemory:
         """The memory file's state: after a run appended to it (or it was cleared), this node and everything
         downstream (SPELL, the sampler) run again instead of being served from ComfyUI's output cache."""
         try:
-            return memory_state(memory_path(cls.NODE_ID, name))
+            return stored_state(memory_path(cls.NODE_ID, name))
         except SpellInputError:
             return name  # a bad name: the node itself runs and reports it
 

@@ -116,6 +116,26 @@ def test_running_count_accumulates_across_runs(pack, fx, trained):
     assert f"running count '{name}': 8 outputs over 2 runs" in text
 
 
+def test_running_count_grows_when_run_is_pressed_again(pack, fx, trained):
+    """The same prompt queued three times (fixed seed, every widget unchanged), as pressing Run again does: each
+    run samples again and adds its outputs to the count, and the report follows; with reset on, the count is
+    emptied on every press."""
+    name = "test-count-rerun"
+    pack.spell_core.fairness.open_count(Path(folder_paths.get_user_directory(), "spell", "fairness",
+                                             f"{name}.json")).reset()
+    prompt = graph(batch=4, seed=5, count=name, train=False)
+    for run in (1, 2, 3):
+        result = fx.run(prompt)
+        assert result.success, result.error
+        assert {"7", "10", "11", "14"} <= set(result.executed), result.executed
+        assert f"running count '{name}': {4 * run} outputs over {run} runs" in result.ui["14"]["text"][0]
+    prompt["7"]["inputs"]["reset"] = True
+    for _ in range(2):
+        result = fx.run(prompt)
+        assert result.success, result.error
+        assert f"running count '{name}': 4 outputs over 1 runs" in result.ui["14"]["text"][0]
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(target="0: 0.5, 6: 0.4"), "SpellDistributionGuidance: shares sum to 0.9"),
     (dict(target="0: 0.5, six: 0.5"), "SpellDistributionGuidance: unknown class 'six' in 'six: 0.5'"),
