@@ -91,9 +91,8 @@ def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
 
 
 def inside(base: str | os.PathLike, relative: str) -> Path:
-    """base/relative, refusing anything that resolves outside base (.., absolute paths, symlinks)."""
-    base_r = Path(base).resolve()
-    target = (base_r / relative).resolve()
-    if target != base_r and base_r not in target.parents:
-        raise StorageError(f"{relative!r} points outside {base_r}")
-    return target
+    """base/relative, refusing anything that resolves outside base (.., absolute paths, symlinks) or that the file
+    system cannot hold: the pack's one containment rule, ``spell_core.paths.contained``."""
+    from .paths import contained
+
+    return contained(base, relative)
