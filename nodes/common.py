@@ -15,8 +15,12 @@ class SpellInputError(ValueError):
 
 
 def user_folder(*parts: str) -> Path:
-    """A folder under ComfyUI's user directory, created on demand."""
-    path = Path(folder_paths.get_user_directory(), "spell", *parts)
+    """A folder under ComfyUI's user directory, created on demand; its real path must stay inside the user
+    directory's own (``spell_core.paths.contained``: a ``user/spell/...`` folder linked elsewhere is refused)."""
+    from ..spell_core.paths import contained
+
+    path = contained(folder_paths.get_user_directory(), "/".join(("spell",) + parts), "folder",
+                     "remove that symbolic link (the pack keeps its files inside ComfyUI's user directory)")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -33,6 +33,7 @@ from ..spell_core.fairness import (DIVERGENCES, LOSSES, AttributeHeads, FairConf
                                    open_count, parse_target, pool_features, train_heads)
 from ..spell_core.references import list_images, read_image
 from ..spell_core.run import RunHistory
+from ..spell_core.paths import PathRefused, contained, find_in
 from ..spell_core.storage import StorageError, inside
 from .common import SpellInputError, stored_state, user_folder
 from .report import image_batch
@@ -202,7 +203,11 @@ class SpellAttributeHeadTrainer:
               overwrite, images=None, labels=None):
         check_unet(self.NODE_ID, model)
         check_name(self.NODE_ID, name, "name")
-        path = Path(folder_paths.get_folder_paths(HEADS)[0], f"{name}.safetensors")
+        try:
+            path = contained(folder_paths.get_folder_paths(HEADS)[0], f"{name}.safetensors", "heads file",
+                             "remove that link or choose another name")
+        except PathRefused as e:
+            raise SpellInputError(self.NODE_ID, f"{e}.") from e
         if path.exists() and not overwrite:
             raise SpellInputError(self.NODE_ID, f"{path.name} already exists; switch overwrite on or choose another name.")
         pixels, names = self.examples(folder, width, height, images, labels)
@@ -241,6 +246,7 @@ class SpellAttributeHeadTrainer:
             for sub in sorted(p for p in base.iterdir() if p.is_dir()):
                 for f in list_images(sub):
                     try:
+                        f = inside(folder_paths.get_input_directory(), f"{folder}/{sub.name}/{f.name}")  # linked out: refused
                         pixels.append(torch.from_numpy(read_image(f, width, height, "center crop")))
                     except StorageError as e:
                         raise SpellInputError(self.NODE_ID, f"{sub.name}/{e}") from e
@@ -281,12 +287,18 @@ class SpellAttributeHeadLoader:
 
     @classmethod
     def IS_CHANGED(cls, heads_file):
-        path = folder_paths.get_full_path(HEADS, heads_file)
+        try:
+            path = heads_path(heads_file)
+        except PathRefused:
+            return heads_file  # the node itself runs and reports it
         return os.stat(path).st_mtime_ns if path and os.path.exists(path) else heads_file
 
     def load(self, heads_file):
-        path = folder_paths.get_full_path(HEADS, heads_file)
-        if path is None:
+        try:
+            path = heads_path(heads_file)
+        except PathRefused as e:
+            raise SpellInputError(self.NODE_ID, f"{e}.") from e
+        if path is None or not path.is_file():
             raise SpellInputError(self.NODE_ID, f"heads file {heads_file!r} not found in models/{HEADS}; train one "
                                                 f"with SPELL Attribute Head Trainer.")
         try:
@@ -301,9 +313,19 @@ class SpellAttributeHeadLoader:
         return {"ui": {"text": [summary]}, "result": (heads, summary)}
 
 
+def heads_path(heads_file) -> Path | None:
+    """The real path of a heads file in ComfyUI's spell_heads folders; PathRefused when it leads out of its folder."""
+    return find_in(folder_paths.get_folder_paths(HEADS), heads_file, "heads file",
+                   f"remove that link: heads files must lie in models/{HEADS} itself")
+
+
 def count_path(node_id, name) -> Path:
     check_name(node_id, name, "count name")
-    return user_folder("fairness") / f"{name}.json"
+    try:  # a count file that is a symlink leading out of user/spell/fairness is refused (read, update and reset)
+        return contained(user_folder("fairness"), f"{name}.json", "count file",
+                         "remove that link or choose another count name")
+    except PathRefused as e:
+        raise SpellInputError(node_id, f"{e}.") from e
 
 
 class SpellFairnessCount:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from ..spell_core import open_memory
+from ..spell_core.paths import PathRefused, contained
 from .common import SpellInputError, stored_state, user_folder
 
 NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -20,7 +21,11 @@ NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 def memory_path(node_id: str, name: str):
     if not NAME_RULE.match(name) or ".." in name:
         raise SpellInputError(node_id, f"memory name {name!r} is not allowed: use 1-64 letters, digits, '_', '-', '.'.")
-    return user_folder("memory") / f"{name}.safetensors"
+    try:  # a memory file that is a symlink leading out of user/spell/memory is refused (read, append and clear)
+        return contained(user_folder("memory"), f"{name}.safetensors", "memory file",
+                         "remove that link or choose another memory name")
+    except PathRefused as e:
+        raise SpellInputError(node_id, f"{e}.") from e
 
 
 def memory_for(node_id: str, name: str, capacity: int):

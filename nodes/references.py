@@ -17,7 +17,8 @@ import torch
 
 from ..spell_core import ReferenceSet, StorageError
 from ..spell_core.build import build_from_images
-from ..spell_core.index import BACKENDS
+from ..spell_core.index import BACKENDS, ReferenceIndex, folder_within, shards_within
+from ..spell_core.paths import contained, find_in
 from ..spell_core.references import RESIZE_MODES, EncodingCache, encode_folder, fingerprint_tensors, fit_batch, list_images
 from ..spell_core.storage import inside
 from .common import SpellInputError, user_folder
@@ -37,6 +38,28 @@ SIZE_INPUTS = {
     "resize": (list(RESIZE_MODES), {"tooltip": "center crop: crop the centred window of the target aspect ratio, "
                                                "then resize (Lanczos). stretch: resize only."}),
 }
+
+
+class ContainedCache(EncodingCache):
+    """The encoding cache with every entry's path under the containment rule: an entry of user/spell/encodings
+    that is a symbolic link leading out of it is refused, never read or written through."""
+
+    def entry(self, key: str) -> Path:
+        return contained(self.folder, f"{key}.safetensors", "encoding cache entry",
+                         f"remove that link from {self.folder}")
+
+    def get(self, key: str):
+        self.entry(key)
+        return super().get(key)
+
+    def put(self, key: str, latent) -> None:
+        self.entry(key)
+        super().put(key, latent)
+
+
+def images_inside(base, folder: str) -> list[Path]:
+    """The images of base/folder, each refused unless its real path is inside base (ComfyUI's input directory)."""
+    return [inside(base, f"{folder}/{p.name}") for p in list_images(inside(base, folder))]
 
 
 def input_folders() -> list[str]:
@@ -152,22 +175,24 @@ class SpellProtectedSetLoader:
         path = inside(folder_paths.get_input_directory(), folder)
         if not path.is_dir():
             raise StorageError(f"folder {folder!r} does not exist under ComfyUI's input directory")
+        images_inside(folder_paths.get_input_directory(), folder)  # an image linked out of input/: refused
         bar = comfy.utils.ProgressBar(max(len(list_images(path)), 1))
         latents, _ = encode_folder(path, width, height, resize, fingerprint_tensors(vae.get_sd()), vae.encode,
-                                   EncodingCache(user_folder("encodings")), lambda done, total: bar.update_absolute(done, total))
+                                   ContainedCache(user_folder("encodings")), lambda done, total: bar.update_absolute(done, total))
         return ReferenceSet(latents, {"sources": [f"folder {folder} ({len(latents)} images, {width}x{height}, {resize})"]})
 
     def from_file(self, set_file):
-        if set_file.endswith("/"):
-            path = next((inside(b, set_file.rstrip("/")) for b in folder_paths.get_folder_paths(SETS)
-                         if os.path.isdir(os.path.join(b, set_file))), None)
-        else:
-            path = folder_paths.get_full_path(SETS, set_file)
-        if path is None:
+        fix = f"remove that link: set files and index folders must lie in models/{SETS} itself"
+        path = find_in(folder_paths.get_folder_paths(SETS), set_file.rstrip("/"), "set file", fix)
+        if path is None or not (path.is_dir() if set_file.endswith("/") else path.is_file()):
             raise StorageError(f"set file {set_file!r} not found in models/{SETS}")
-        if not any(Path(b).resolve() in Path(path).resolve().parents for b in folder_paths.get_folder_paths(SETS)):
-            raise StorageError(f"set file {set_file!r} points outside models/{SETS}")
-        refs = ReferenceSet.load(path)
+        if path.is_dir():  # an index folder: every shard its index lists must lie in that folder
+            index = ReferenceIndex.load(path, within=path)
+            if len(index) == 0:
+                raise StorageError(f"{path} holds an empty index")
+            refs = ReferenceSet(None, {}, index)
+        else:
+            refs = ReferenceSet.load(path)
         refs.meta["sources"] = [f"file {set_file} ({len(refs)})"]
         return refs
 
@@ -261,6 +286,8 @@ class SpellProtectedSetIndexBuilder:
             src = inside(folder_paths.get_input_directory(), folder)
             if folder == NONE or not src.is_dir():
                 raise StorageError(f"folder {folder!r} does not exist under ComfyUI's input directory")
+            images_inside(folder_paths.get_input_directory(), folder)  # an image linked out of input/: refused
+            folder_within(out)  # a link out of the index folder, or an index listing shards outside it: refused
             bar = comfy.utils.ProgressBar(2)
 
             def progress(stage, done, total):
@@ -271,6 +298,7 @@ class SpellProtectedSetIndexBuilder:
                                             fingerprint_tensors(vae.get_sd()), batch=batch_size, shard_size=SHARD_ROWS,
                                             backend=backend,
                                             overwrite=overwrite, progress=progress)
+            shards_within([s.path for s in index.store.shards], out, out / "index.safetensors")
         except StorageError as e:
             raise SpellInputError(self.NODE_ID, f"{e}.") from e
         refs = ReferenceSet(None, {"sources": [f"index {out.name}/ ({len(index)})"]}, index)

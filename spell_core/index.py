@@ -896,8 +896,11 @@ class ReferenceIndex:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, backend: str | None = None,
-             device: str | torch.device = "cpu") -> "ReferenceIndex":
-        """Opens an index written by save; shard rows are read on demand, never whole."""
+             device: str | torch.device = "cpu", within: str | os.PathLike | None = None) -> "ReferenceIndex":
+        """Opens an index written by save; shard rows are read on demand, never whole. within: a folder every
+        shard the index lists must resolve inside (``spell_core.paths.contained``; the pack passes the index
+        folder itself), else StorageError before any shard is opened; None: shards may lie anywhere (library use,
+        shards built elsewhere)."""
         folder = Path(folder)
         path = folder / INDEX_FILE
         if not path.is_file():
@@ -911,6 +914,8 @@ class ReferenceIndex:
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise StorageError(f"{path} is corrupt ({e})") from e
         files = [folder / f for f in json.loads(meta["shards"])]
+        if within is not None:
+            files = shards_within(files, within, path)
         item_shape = tuple(json.loads(meta["item_shape"]))
         store = LatentStore.from_files(files)
         if store.item_shape != item_shape or [len(s) for s in store.shards] != json.loads(meta["rows"]):
@@ -933,6 +938,45 @@ class ReferenceIndex:
 # --------------------------------------------------------------------------------------------------
 # Streaming, resumable shard builder
 # --------------------------------------------------------------------------------------------------
+
+def shards_within(files: Sequence[str | os.PathLike], base: str | os.PathLike, listed_in) -> list[Path]:
+    """files as Paths, each refused (PathRefused, a StorageError) unless its real path (symlinks followed, '..'
+    resolved) is inside base's real path."""
+    from .paths import PathRefused, contained
+
+    for f in files:
+        try:
+            contained(base, os.path.abspath(f), "shard", "rebuild the index: its shards must lie in its own folder")
+        except PathRefused as e:
+            raise PathRefused(f"{listed_in} lists a {e}") from e
+    return [Path(f) for f in files]
+
+
+def folder_within(folder: str | os.PathLike) -> None:
+    """Refuses (PathRefused) an index folder holding an entry that is a symbolic link leading out of it, or
+    whose index or manifest lists a shard outside it; reads nothing but their headers. For a build that is
+    about to open or resume what the folder holds."""
+    from .paths import contained
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        contained(folder, p.name, "entry", f"remove that link from {folder}")
+    if (folder / INDEX_FILE).is_file():
+        header, _ = read_header(folder / INDEX_FILE)
+        try:
+            listed = json.loads((header.get("__metadata__") or {}).get("shards", "[]"))
+        except (ValueError, TypeError, AttributeError):
+            listed = []  # a damaged index: the build replaces or refuses it as before
+        shards_within([folder / f for f in listed], folder, folder / INDEX_FILE)
+    if (folder / MANIFEST).is_file():
+        try:
+            listed = json.loads((folder / MANIFEST).read_text()).get("shards", [])
+        except (OSError, ValueError, AttributeError):
+            listed = []
+        shards_within([folder / f for f in listed if isinstance(f, str)], folder, folder / MANIFEST)
+
 
 def shard_name(j: int) -> str:
     return f"shard-{j:05d}.safetensors"
@@ -969,7 +1013,7 @@ def build_shards(source: Iterable[torch.Tensor] | Callable[[int], Iterable[torch
     if manifest.is_file():
         info = json.loads(manifest.read_text())
         if info.get("shard_size") == shard_size:
-            return [out / f for f in info["shards"]]
+            return shards_within([out / f for f in info["shards"]], out, manifest)
     for stale in out.glob("*.tmp"):
         stale.unlink()
     done_shards = complete_shards(out, shard_size)
