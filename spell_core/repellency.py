@@ -102,9 +102,16 @@ def escape_direction(x: torch.Tensor, z: torch.Tensor, r: float) -> torch.Tensor
     return u / u.norm()
 
 
+def guard_fraction(margin: float) -> float:
+    """Rows closer than r·(1 + guard_fraction(margin)) are projected out to r·(1 + margin): a tenth of the margin,
+    far above float32 rounding (~1e-7 relative), so no output kept in place can read as inside r in float64."""
+    return margin / 10
+
+
 def project_out(x: torch.Tensor, z: torch.Tensor, r: float, margin: float = 1e-4) -> torch.Tensor:
     """Moves each row of x [B, ...] the shortest way along its escape direction to RMS distance
-    ≥ r·(1 + margin) from every row of z [N, ...]; rows already outside are returned unchanged.
+    ≥ r·(1 + margin) from every row of z [N, ...]; rows already at r·(1 + margin/10) or more from every row
+    are returned unchanged.
 
     Exact: a single ball gives the radial projection onto its border; overlapping balls cannot trap a
     point (the ray leaves their union). Computed in float64, returned in x's dtype.
@@ -116,8 +123,9 @@ def project_out(x: torch.Tensor, z: torch.Tensor, r: float, margin: float = 1e-4
     D = xf.shape[1]
     R = r * (1 + margin) * math.sqrt(D)
     d = rms_cdist(xf, zf)
-    for i in torch.nonzero((d < r).any(1)).flatten().tolist():
-        inside = d[i] < r
+    close = r * (1 + guard_fraction(margin))
+    for i in torch.nonzero((d < close).any(1)).flatten().tolist():
+        inside = d[i] < close
         u = escape_direction(xf[i], zf[inside], r)
         out[i] = xf[i] + ray_exit(xf[i], u, zf, R) * u
     return out.reshape(x.shape).to(x.dtype)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .repellency import escape_direction, flat32, ray_exit, rms_cdist
+from .repellency import escape_direction, flat32, guard_fraction, ray_exit, rms_cdist
 
 Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -114,8 +114,17 @@ class Shield:
     def project_out(self, x: torch.Tensor, r: float, margin: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of x within r of a reference moved the shortest way along SPELL's escape direction to RMS
         distance ≥ r·(1 + margin) from every reference; returns (x, moved [B]). Exact: the ray's exit is
-        re-checked with a range search, and references found there join the computation until none remain."""
-        i, k, _ = self.range_search(x, r)
+        re-checked with a range search, and references found there join the computation until none remain.
+
+        Which rows move is decided in float64 on x itself, with a guard: a row closer than r·(1 + margin/10)
+        moves. The search in float32 (at r·(1 + margin)) only gives the candidates; a row parked exactly on the
+        border by the push (λ = 1) reads as outside in float32 and as inside in float64, and the rounding of the
+        output to float32 and through the latent format (~1e-7 relative) must not bring a kept row inside r."""
+        i, k, _ = self.range_search(x, r * (1 + margin))
+        if len(i):
+            d64 = (x.reshape(x.shape[0], -1)[i].double() - self.get(k, x.device).double()).pow(2).mean(1).sqrt()
+            close = d64 < r * (1 + guard_fraction(margin))
+            i, k = i[close], k[close]
         moved = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         moved[i] = True
         if not bool(moved.any()):
