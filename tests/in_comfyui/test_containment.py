@@ -155,3 +155,37 @@ def test_index_builder_refuses_links_out_of_its_folder(comfy, outside):
              "resize": "center crop", "batch_size": 2, "backend": "auto", "overwrite": True}}}
     refused(Executor().run(g), "SpellProtectedSetIndexBuilder")
     assert target.read_bytes() == before and os.path.islink(out / "source.json")
+
+
+@pytest.mark.parametrize("name, message", [("bad\x00name", "NUL byte"), ("y" * 300, "at most 255 bytes")],
+                         ids=["nul", "long"])
+def test_index_names_the_file_system_cannot_hold_name_the_node(comfy, name, message):
+    from PIL import Image
+
+    images = Path(folder_paths.get_input_directory(), "containment_images")
+    images.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), (10, 80, 120)).save(images / "0.png")
+    g = {"1": {"class_type": "SpellDemoModelLoader", "inputs": {}},
+         "2": {"class_type": "SpellProtectedSetIndexBuilder", "inputs": {
+             "folder": "containment_images", "vae": ["1", 1], "name": name, "width": 64, "height": 64,
+             "resize": "center crop", "batch_size": 2, "backend": "auto", "overwrite": False}}}
+    result = Executor().run(g)
+    assert not result.success and "SpellProtectedSetIndexBuilder:" in result.error and message in result.error, \
+        result.error
+    assert "embedded null byte" not in result.error and "File name too long" not in result.error
+
+
+def test_input_image_linked_outside_is_refused(comfy, outside):
+    from PIL import Image
+
+    target = outside / "private.png"
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(target)
+    folder = Path(folder_paths.get_input_directory(), "linked_images")
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), (10, 10, 200)).save(folder / "0.png")  # an image of its own, and one linked out
+    link(folder / "1.png", target)
+    g = {"1": {"class_type": "SpellDemoModelLoader", "inputs": {}},
+         "2": {"class_type": "SpellProtectedSetLoader", "inputs": {
+             "folder": "linked_images", "set_file": "(none)", "width": 64, "height": 64, "resize": "center crop",
+             "vae": ["1", 1]}}, **preview("2", 1)}
+    refused(Executor().run(g), "SpellProtectedSetLoader")
