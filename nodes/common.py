@@ -2,6 +2,7 @@
 files that runs change (for ``IS_CHANGED``)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import folder_paths
@@ -12,6 +13,15 @@ class SpellInputError(ValueError):
 
     def __init__(self, node_id: str, message: str):
         super().__init__(f"{node_id}: {message}")
+
+
+def check_numbers(node_id: str, **values: float) -> None:
+    """NaN and ±inf pass ComfyUI's min/max check of a FLOAT input (every comparison with NaN is false) and would
+    fail deep inside the sampler; refused here, before sampling, by name."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise SpellInputError(node_id, f"{name} must be a finite number, got {value}; type a number into the "
+                                           f"widget (or fix the node that feeds it).")
 
 
 def user_folder(*parts: str) -> Path:

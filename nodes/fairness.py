@@ -35,7 +35,7 @@ from ..spell_core.references import list_images, read_image
 from ..spell_core.run import RunHistory
 from ..spell_core.paths import PathRefused, contained, find_in
 from ..spell_core.storage import StorageError, inside
-from .common import SpellInputError, stored_state, user_folder
+from .common import SpellInputError, check_numbers, stored_state, user_folder
 from .report import image_batch
 
 HEADS = "spell_heads"
@@ -202,6 +202,7 @@ class SpellAttributeHeadTrainer:
     def train(self, model, vae, positive, folder, name, width, height, noise_levels, pool_grid, held_out, seed,
               overwrite, images=None, labels=None):
         check_unet(self.NODE_ID, model)
+        check_numbers(self.NODE_ID, held_out=held_out)
         check_name(self.NODE_ID, name, "name")
         try:
             path = contained(folder_paths.get_folder_paths(HEADS)[0], f"{name}.safetensors", "heads file",
@@ -417,6 +418,7 @@ class SpellDistributionGuidance:
         }
 
     def patch(self, model, heads, target, strength, loss, temperature, divergence, count=None):
+        check_numbers(self.NODE_ID, strength=strength, temperature=temperature)
         check_unet(self.NODE_ID, model)
         try:
             p = parse_target(target, heads.classes)

@@ -19,7 +19,7 @@ from ..spell_core import RunHistory, SpellConfig, SpellRun
 from ..spell_core.repellency import IN_BATCH_MODES
 from ..spell_core.shield import IndexPart, Shield, TensorPart, scalar_affine
 from ..spell_core.storage import StorageError
-from .common import SpellInputError
+from .common import SpellInputError, check_numbers
 
 HISTORY_KEY = "spell_history"
 
@@ -72,6 +72,8 @@ class SpellRepellency:
 
     def patch(self, model, radius, overcompensation, in_batch, start_percent, end_percent, enforce_shield,
               references=None, memory=None):
+        check_numbers(self.NODE_ID, radius=radius, overcompensation=overcompensation, start_percent=start_percent,
+                      end_percent=end_percent)
         if not radius > 0:
             raise SpellInputError(self.NODE_ID, f"radius must be > 0, got {radius}. To switch SPELL off, bypass the node.")
         if start_percent >= end_percent:
