@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .storage import atomic_save, atomic_write_json, read_safetensors
+from .memory import _stamp, file_lock
+from .storage import atomic_save, atomic_write_json, read_safetensors, remove_stale_temporaries
 
 LOSSES = ("batch mean", "per-image assignment", "per-image draw")
 DIVERGENCES = ("chi-square", "KL")
@@ -441,60 +442,80 @@ class FairRun:
 # ---------------------------------------------------------------------------------------------------------------
 
 class FairnessCount:
-    """Class counts of earlier outputs, kept in a JSON file; the registry ``COUNTS`` keeps one per file."""
+    """Class counts of earlier outputs, kept in a JSON file; the registry ``COUNTS`` keeps one per file.
+    Like the batch memory, every update takes the file's inter-process lock (``<name>.json.lock``), re-reads the
+    file, adds and writes atomically, so runs of several processes are all counted; reads re-read the file
+    when it changed. A writer that cannot get the lock within ``LOCK_TIMEOUT_S`` raises LockTimeout, unchanged."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock = threading.Lock()
         self._state: dict | None = None
+        self._seen: tuple | None = None  # the file's (size, mtime, inode) when _state was read or written
 
     @property
     def name(self) -> str:
         return self.path.stem
 
+    def _load(self) -> dict:
+        stamp = _stamp(self.path)
+        if stamp is None:
+            state = {"format": COUNT_FORMAT, "classes": [], "counts": [], "runs": 0}
+        else:
+            try:
+                state = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"running count file {self.path.name} is unreadable ({e})") from e
+            if (not isinstance(state, dict) or state.get("format") != COUNT_FORMAT
+                    or len(state.get("classes", [])) != len(state.get("counts", []))):
+                raise ValueError(f"{self.path.name} is not a SPELL fairness count file")
+        self._state, self._seen = state, stamp
+        return state
+
     def _read(self) -> dict:
-        if self._state is None:
-            if self.path.exists():
-                try:
-                    state = json.loads(self.path.read_text())
-                except (OSError, json.JSONDecodeError) as e:
-                    raise ValueError(f"running count file {self.path.name} is unreadable ({e})") from e
-                if state.get("format") != COUNT_FORMAT or len(state.get("classes", [])) != len(state.get("counts", [])):
-                    raise ValueError(f"{self.path.name} is not a SPELL fairness count file")
-                self._state = state
-            else:
-                self._state = {"format": COUNT_FORMAT, "classes": [], "counts": [], "runs": 0}
+        """The state as the file holds it now (self._lock held); re-read when the file changed."""
+        if self._state is None or _stamp(self.path) != self._seen:
+            with file_lock(self.path, f"running count {self.name!r}", for_read=True) as locked:
+                if locked:
+                    remove_stale_temporaries(self.path)
+                return self._load()
         return self._state
+
+    def _counts(self, state: dict, classes: list[str]) -> torch.Tensor:
+        if state["classes"] and list(state["classes"]) != list(classes):
+            raise ValueError(f"running count {self.name!r} counts classes {state['classes']}, these heads have "
+                             f"{list(classes)}: use another count name or reset it")
+        return torch.tensor(state["counts"] or [0] * len(classes), dtype=torch.float64)
 
     def counts(self, classes: list[str]) -> torch.Tensor:
         """Counts [K] in the order of classes (zeros when empty); ValueError if it counts other classes."""
         with self._lock:
-            state = self._read()
-            if state["classes"] and list(state["classes"]) != list(classes):
-                raise ValueError(f"running count {self.name!r} counts classes {state['classes']}, these heads have "
-                                 f"{list(classes)}: use another count name or reset it")
-            return torch.tensor(state["counts"] or [0] * len(classes), dtype=torch.float64)
+            return self._counts(self._read(), classes)
 
     def runs(self) -> int:
         with self._lock:
             return int(self._read()["runs"])
 
-    def add(self, classes: list[str], predicted: list[int]) -> torch.Tensor:
-        """Adds one run's predicted classes and writes the file atomically; returns the new counts."""
-        counts = self.counts(classes)
-        for c in predicted:
-            counts[c] += 1
-        with self._lock:
+    def add(self, classes: list[str], predicted: list[int], timeout: float | None = None) -> torch.Tensor:
+        """Adds one run's predicted classes to the file's counts (re-read under its lock, so other processes'
+        runs are kept) and writes it atomically; returns the new counts."""
+        self.counts(classes)  # refuses other classes before taking the lock
+        with self._lock, file_lock(self.path, f"running count {self.name!r}", timeout):
+            state = self._load()
+            counts = self._counts(state, classes)
+            for c in predicted:
+                counts[c] += 1
             state = {"format": COUNT_FORMAT, "classes": list(classes), "counts": [int(c) for c in counts],
-                     "runs": int(self._read()["runs"]) + 1}
+                     "runs": int(state["runs"]) + 1}
             atomic_write_json(self.path, state)
-            self._state = state
+            self._state, self._seen = state, _stamp(self.path)
         return counts
 
-    def reset(self) -> None:
-        with self._lock:
+    def reset(self, timeout: float | None = None) -> None:
+        with self._lock, file_lock(self.path, f"running count {self.name!r}", timeout):
+            remove_stale_temporaries(self.path)
             self.path.unlink(missing_ok=True)
-            self._state = None
+            self._state, self._seen = None, None
 
 
 COUNTS: dict[str, FairnessCount] = {}

@@ -4,16 +4,79 @@ batches, arXiv 2410.06025 §3).
 State lives in files, one per memory name, and in the registry ``MEMORIES`` keyed by the file's path, so
 ComfyUI's node caching and ``clone()`` deep copies cannot drop it, and a restart reads it back.
 Eviction: first in, first out; the oldest outputs leave when capacity is exceeded.
+
+Several processes (two ComfyUI servers, a server and a script) may append to one memory: every append takes an
+inter-process lock (``filelock``, the file ``<name>.safetensors.lock`` beside the memory; the operating system
+releases it when its holder dies), re-reads the file under it, appends, writes atomically and releases. A writer
+that cannot get the lock within ``LOCK_TIMEOUT_S`` raises ``LockTimeout`` naming the file: nothing is written and
+what the file holds stays as it was. Readers re-read the file whenever it changed (size, mtime, inode).
 """
 from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
-from .storage import StorageError, check_finite, load_latents, save_latents
+from .storage import StorageError, check_finite, load_latents, remove_stale_temporaries, save_latents
+
+LOCK_TIMEOUT_S = 60.0  # how long a writer waits for another process's write of the same file
+
+
+class LockTimeout(StorageError):
+    """Another process held a file's lock for longer than the timeout; nothing was written."""
+
+
+def lock_file(path: str | os.PathLike) -> Path:
+    """The lock file of a data file: ``<name>.lock`` beside it (kept; it is not litter)."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike, what: str, timeout: float | None = None, *, for_read: bool = False):
+    """Holds the inter-process lock of path; yields True. Writers wait up to ``timeout`` (``LOCK_TIMEOUT_S``)
+    and then raise LockTimeout naming the file. Readers (``for_read``) never wait: atomic renames make a read
+    safe without the lock, so when it is busy or cannot be made (a read-only folder) they yield False and read
+    anyway (and leave temporaries to the holder)."""
+    path = Path(path)
+    wait = LOCK_TIMEOUT_S if timeout is None else timeout
+    if not for_read:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_file(path)), timeout=0 if for_read else wait)
+    try:
+        lock.acquire()
+    except Timeout as e:
+        if not for_read:
+            raise LockTimeout(
+                f"{what}: {path} is being written by another process (its lock {lock_file(path).name} was not "
+                f"free within {wait:g} s); nothing was written and the file is unchanged. Run again when the "
+                f"other run has finished"
+            ) from e
+        locked = False
+    except OSError as e:
+        if not for_read:
+            raise StorageError(f"{what}: cannot create the lock file {lock_file(path)} ({e}); nothing was "
+                               f"written") from e
+        locked = False
+    else:
+        locked = True
+    try:
+        yield locked
+    finally:
+        if locked:
+            lock.release()
+
+
+def _stamp(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 class BatchMemory:
@@ -26,48 +89,69 @@ class BatchMemory:
         self.capacity = int(capacity)
         self._lock = threading.Lock()
         self._latents: torch.Tensor | None = None
+        self._seen: tuple | None = None  # the file's (size, mtime, inode) when _latents was read or written
+        self._read_once = False  # the first read always goes through the lock (and removes stale temporaries)
 
     @property
     def name(self) -> str:
         return self.path.stem
 
+    def _refresh(self) -> None:
+        """Re-reads the file if it changed since it was last read or written here (self._lock held)."""
+        stamp = _stamp(self.path)
+        if stamp != self._seen:
+            self._latents = None if stamp is None else load_latents(self.path)[0]
+            self._seen = stamp
+        self._read_once = True
+
     def latents(self) -> torch.Tensor | None:
-        """Everything stored (read from disk on first use); None when the memory is empty."""
+        """Everything stored, as the file holds it now (re-read when another process changed it); None when
+        the memory is empty."""
         with self._lock:
-            if self._latents is None and self.path.exists():
-                self._latents, _ = load_latents(self.path)
+            if not self._read_once or _stamp(self.path) != self._seen:
+                with file_lock(self.path, f"batch memory {self.name!r}", for_read=True) as locked:
+                    if locked:
+                        remove_stale_temporaries(self.path)
+                    self._refresh()
             return self._latents
 
     def __len__(self) -> int:
         x = self.latents()
         return 0 if x is None else x.shape[0]
 
-    def check_compatible(self, item_shape: tuple) -> None:
-        """Raises before sampling if stored latents have another per-item shape; nothing is changed."""
-        x = self.latents()
+    def _check(self, x: torch.Tensor | None, item_shape: tuple) -> None:
         if x is not None and tuple(x.shape[1:]) != tuple(item_shape):
             raise StorageError(
                 f"batch memory {self.name!r} holds latents of shape {tuple(x.shape[1:])}, this run makes "
                 f"{tuple(item_shape)} (another model family or size): use another memory name, or clear it"
             )
 
-    def append(self, samples: torch.Tensor) -> int:
-        """Adds samples [B, ...], evicts the oldest beyond capacity, writes atomically; returns the size."""
+    def check_compatible(self, item_shape: tuple) -> None:
+        """Raises before sampling if stored latents have another per-item shape; nothing is changed."""
+        self._check(self.latents(), item_shape)
+
+    def append(self, samples: torch.Tensor, timeout: float | None = None) -> int:
+        """Adds samples [B, ...], evicts the oldest beyond capacity, writes atomically; returns the size.
+        Under the file's inter-process lock the file is re-read first, so appends of other processes are kept;
+        LockTimeout (nothing written) when the lock is not free within timeout (``LOCK_TIMEOUT_S``)."""
         samples = samples.detach().to("cpu", torch.float32)
         check_finite(samples, f"outputs appended to batch memory {self.name!r}")
         self.check_compatible(tuple(samples.shape[1:]))
-        with self._lock:
+        with self._lock, file_lock(self.path, f"batch memory {self.name!r}", timeout):
+            self._refresh()
+            self._check(self._latents, tuple(samples.shape[1:]))
             x = samples if self._latents is None else torch.cat([self._latents, samples])
             x = x[-self.capacity:].clone()
             save_latents(self.path, x, {"kind": "batch_memory", "capacity": self.capacity})
-            self._latents = x
+            self._latents, self._seen = x, _stamp(self.path)
             return x.shape[0]
 
-    def clear(self) -> None:
-        with self._lock:
+    def clear(self, timeout: float | None = None) -> None:
+        with self._lock, file_lock(self.path, f"batch memory {self.name!r}", timeout):
+            remove_stale_temporaries(self.path)
             if self.path.exists():
                 self.path.unlink()
-            self._latents = None
+            self._latents, self._seen = None, None
 
 
 MEMORIES: dict[str, BatchMemory] = {}

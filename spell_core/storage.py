@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -23,13 +25,72 @@ def check_finite(x: torch.Tensor, what: str) -> None:
         raise StorageError(f"{what} holds {bad} NaN/Inf values")
 
 
+def _temporary(path: Path) -> str:
+    """A new empty temporary beside path, named ``<name>.<pid>-<random>.tmp`` (see remove_stale_temporaries)."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+def _started(pid: int) -> float | None:
+    """When process pid started (seconds since the epoch); None if unknown (psutil missing, access refused)."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Removes the temporaries that killed writes of path left beside it, and only those of this file: names
+    ``<name>.<pid>-<random>.tmp`` whose process is gone, or older than that process's start (a reused pid, as in
+    a restarted container). Temporaries of earlier versions (``<name>.<random>.tmp``, no pid) go when older than
+    an hour. Returns the names removed. Callers holding the file's lock call it before a write or a load."""
+    path = Path(path)
+    mine = re.compile(re.escape(path.name) + r"\.(?:(\d+)-)?[a-z0-9_]+\.tmp")
+    removed = []
+    try:
+        candidates = [e for e in os.scandir(path.parent) if e.name.startswith(path.name + ".")]
+    except OSError:
+        return removed
+    for entry in candidates:
+        m = mine.fullmatch(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            mtime = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if m.group(1) is None:
+            stale = time.time() - mtime > 3600
+        else:
+            pid = int(m.group(1))
+            try:
+                os.kill(pid, 0)
+                alive = True
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:  # exists, another account
+                alive = True
+            started = _started(pid) if alive else None
+            stale = not alive or (started is not None and mtime < started - 1.0)
+        if stale:
+            try:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+            except OSError:
+                pass
+    return removed
+
+
 def atomic_save(tensors: dict, path: str | os.PathLike, metadata: dict) -> None:
     """save_file into a temporary file of the same folder, fsync, then rename over path: a reader sees the old
-    file or the new one, never half of one."""
+    file or the new one, never half of one. Stale temporaries of path from killed writes are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    remove_stale_temporaries(path)
+    tmp = _temporary(path)
     try:
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
@@ -41,13 +102,17 @@ def atomic_save(tensors: dict, path: str | os.PathLike, metadata: dict) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, value) -> None:
-    """Writes value as JSON to path through a temporary file in the same folder and an atomic rename."""
+    """Writes value as JSON to path through a temporary file in the same folder, fsync and an atomic rename;
+    stale temporaries of path from killed writes are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    tmp = _temporary(path)
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             json.dump(value, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
