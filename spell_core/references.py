@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,11 +110,26 @@ def fit_image(img: Image.Image, width: int, height: int, mode: str) -> np.ndarra
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
+# The largest image read: Pillow's own decompression-bomb limit (about 89.5 megapixels, e.g. 9459 x 9459), checked
+# on the header before any pixel is decoded, so a huge file costs nothing and gets a message rather than Pillow's
+# DecompressionBombError.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
 def read_image(path: Path, width: int, height: int, mode: str) -> np.ndarray:
+    limit = f"the largest image read is {MAX_IMAGE_PIXELS / 1e6:.1f} megapixels: downscale it or leave it out"
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by size
+            img = Image.open(path)
+        with img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise StorageError(f"{path.name} is {w} x {h} px ({w * h / 1e6:.1f} megapixels); {limit}")
             img.load()
             return fit_image(img, width, height, mode)
+    except Image.DecompressionBombError as e:  # Pillow refuses over twice its limit at open
+        raise StorageError(f"{path.name} is too large ({e}); {limit}") from e
     except (UnidentifiedImageError, OSError) as e:
         raise StorageError(f"{path.name} is not a readable image ({e})") from e
 

@@ -147,11 +147,16 @@ def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
     if header.get("format") != FORMAT or "latents" not in tensors:
         raise StorageError(f"{path} is a safetensors file but not a SPELL latent set (format {header.get('format')!r})")
     latents = tensors["latents"].float()
+    if latents.ndim < 4:
+        raise StorageError(f"{path} holds latents of shape {tuple(latents.shape)}; a SPELL set holds latents "
+                           f"[N, channels, height, width] as a VAE encodes them: rebuild it with the loader or save node")
     check_finite(latents, str(path))
     try:
         meta = json.loads(header.get("meta", "{}"))
     except json.JSONDecodeError as e:
         raise StorageError(f"{path} has unreadable metadata ({e})") from e
+    if not isinstance(meta, dict):
+        raise StorageError(f"{path} has metadata of type {type(meta).__name__}, not a JSON object: rebuild the set")
     return latents, meta
 
 
