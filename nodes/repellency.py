@@ -14,6 +14,7 @@ import uuid
 
 import comfy.patcher_extension
 import torch
+from safetensors import SafetensorError
 
 from ..spell_core import RunHistory, SpellConfig, SpellRun
 from ..spell_core.repellency import IN_BATCH_MODES
@@ -101,7 +102,7 @@ class SpellRepellency:
                 if bool(moved.any()):  # untouched rows keep their exact bits (no round trip through the format)
                     out = torch.where(moved.view(-1, *[1] * (out.ndim - 1)), base.process_latent_out(fixed), out)
                 if memory is not None:
-                    memory.append(out)
+                    store(memory, out)
             history.add(run.log)
             return out
 
@@ -138,6 +139,18 @@ def static_references(node_id, base, sample_shape, references, memory):
                                            "indexed protected set needs; use a set of under 4096 references.")
         parts.append(IndexPart(index, *affine))
     return Shield(parts)
+
+
+def store(memory, out):
+    """Appends a run's outputs to its batch memory. A failed write (disk full, read-only folder, lock held by
+    another process) leaves the stored memory as it was and is reported naming the memory node and its file; it
+    surfaces on the sampler, which runs the append."""
+    try:
+        memory.append(out)
+    except (OSError, SafetensorError, StorageError) as e:
+        raise SpellInputError("SpellBatchMemory", f"could not store this run's outputs in {memory.path} ({e}); the "
+                                                  f"memory was left as it was: free disk space or fix the folder's "
+                                                  f"permissions, or use another memory name.") from e
 
 
 def load_memory(node_id, memory):
