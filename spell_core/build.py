@@ -69,7 +69,8 @@ def build_index_folder(source, total: int, out: str | os.PathLike, record: dict,
 
     record describes the source (``describe_source``); it is stored in out/source.json. If out already holds
     a complete index of the same record it is opened as is; a partial build of the same record resumes; a
-    folder of another record raises StorageError unless overwrite, which deletes the build's own files first.
+    folder holding shards or an index of another record raises StorageError unless overwrite, which deletes the
+    build's own files first; a folder with nothing built yet (source.json and temporaries only) is started afresh.
     index_options go to ``ReferenceIndex.build`` (projection, dim, ...).
     """
     out = Path(out)
@@ -84,8 +85,11 @@ def build_index_folder(source, total: int, out: str | os.PathLike, record: dict,
         except (OSError, ValueError):
             recorded = {"unreadable": True}
     existing = owned_files(out)
+    built = [f for f in existing if f.name == INDEX_FILE or f.name.startswith("shard-")]
     if existing and recorded != record:
-        if not overwrite:
+        # Nothing built yet (a build that failed before its first shard: only source.json and temporaries) is no
+        # one's index: it is replaced, so the build can be queued again after fixing its input.
+        if built and not overwrite:
             was = (f"{recorded.get('files')} files, settings {recorded.get('settings')}" if isinstance(recorded, dict)
                    and "files" in recorded else "an unknown source")
             raise StorageError(f"{out.name} already holds an index built from another source ({was}); choose "

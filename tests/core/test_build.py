@@ -97,3 +97,17 @@ def test_cli_refuses_another_source_unless_overwrite(tmp_path, capsys):
     assert len(ReferenceIndex.load(out)) == 20
     assert main(["build", "--latents-dir", str(src), "--out", out, "--overwrite"]) == 0
     assert len(ReferenceIndex.load(out)) == 25
+
+
+def test_a_build_that_failed_before_its_first_shard_can_be_queued_again_after_the_fix(tmp_path):
+    """One bad image stops the build before any shard is written; with the image removed (another source now),
+    queueing again builds, and no temporary of the failed build is left."""
+    src = images(tmp_path / "imgs", 6)
+    (src / "002.png").write_bytes(b"not an image")
+    with pytest.raises(StorageError, match="002.png is not a readable image"):
+        build_from_images(src, tmp_path / "idx", 32, 32, "stretch", encode, "enc")
+    assert not any(p.name.startswith("shard-") for p in (tmp_path / "idx").iterdir())
+    (src / "002.png").unlink()
+    index, what = build_from_images(src, tmp_path / "idx", 32, 32, "stretch", encode, "enc")
+    assert what == "built" and len(index) == 5
+    assert not [p for p in (tmp_path / "idx").iterdir() if p.name.endswith(".tmp")]
