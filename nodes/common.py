@@ -7,6 +7,8 @@ from pathlib import Path
 
 import folder_paths
 
+from ..spell_core.memory import file_stamp
+
 
 class SpellInputError(ValueError):
     """Bad input to a node; the message starts with the node's id."""
@@ -36,12 +38,9 @@ def user_folder(*parts: str) -> Path:
 
 
 def file_state(path) -> str:
-    """What changes whenever a file is written, replaced or removed: size, mtime and inode."""
-    try:
-        st = Path(path).stat()
-    except FileNotFoundError:
-        return "missing"
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    """What changes whenever a file is written, replaced or removed (``spell_core.memory.file_stamp``)."""
+    stamp = file_stamp(path)
+    return "missing" if stamp is None else ":".join(map(str, stamp))
 
 
 _SEEN: dict[str, tuple[str, int]] = {}  # file -> (last state seen, how many changes seen in this process)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .memory import _stamp, file_lock
+from .memory import file_lock, file_stamp
 from .storage import atomic_save, atomic_write_json, read_safetensors, remove_stale_temporaries
 
 LOSSES = ("batch mean", "per-image assignment", "per-image draw")
@@ -458,7 +458,7 @@ class FairnessCount:
         return self.path.stem
 
     def _load(self) -> dict:
-        stamp = _stamp(self.path)
+        stamp = file_stamp(self.path)
         if stamp is None:
             state = {"format": COUNT_FORMAT, "classes": [], "counts": [], "runs": 0}
         else:
@@ -474,7 +474,7 @@ class FairnessCount:
 
     def _read(self) -> dict:
         """The state as the file holds it now (self._lock held); re-read when the file changed."""
-        if self._state is None or _stamp(self.path) != self._seen:
+        if self._state is None or file_stamp(self.path) != self._seen:
             with file_lock(self.path, f"running count {self.name!r}", for_read=True) as locked:
                 if locked:
                     remove_stale_temporaries(self.path)
@@ -508,7 +508,7 @@ class FairnessCount:
             state = {"format": COUNT_FORMAT, "classes": list(classes), "counts": [int(c) for c in counts],
                      "runs": int(state["runs"]) + 1}
             atomic_write_json(self.path, state)
-            self._state, self._seen = state, _stamp(self.path)
+            self._state, self._seen = state, file_stamp(self.path)
         return counts
 
     def reset(self, timeout: float | None = None) -> None:

@@ -71,7 +71,8 @@ def file_lock(path: str | os.PathLike, what: str, timeout: float | None = None, 
             lock.release()
 
 
-def _stamp(path: Path) -> tuple | None:
+def file_stamp(path: str | os.PathLike) -> tuple | None:
+    """What changes whenever a file is written, replaced or removed: (size, mtime_ns, inode), None if missing."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -98,7 +99,7 @@ class BatchMemory:
 
     def _refresh(self) -> None:
         """Re-reads the file if it changed since it was last read or written here (self._lock held)."""
-        stamp = _stamp(self.path)
+        stamp = file_stamp(self.path)
         if stamp != self._seen:
             self._latents = None if stamp is None else load_latents(self.path)[0]
             self._seen = stamp
@@ -108,7 +109,7 @@ class BatchMemory:
         """Everything stored, as the file holds it now (re-read when another process changed it); None when
         the memory is empty."""
         with self._lock:
-            if not self._read_once or _stamp(self.path) != self._seen:
+            if not self._read_once or file_stamp(self.path) != self._seen:
                 with file_lock(self.path, f"batch memory {self.name!r}", for_read=True) as locked:
                     if locked:
                         remove_stale_temporaries(self.path)
@@ -143,7 +144,7 @@ class BatchMemory:
             x = samples if self._latents is None else torch.cat([self._latents, samples])
             x = x[-self.capacity:].clone()
             save_latents(self.path, x, {"kind": "batch_memory", "capacity": self.capacity})
-            self._latents, self._seen = x, _stamp(self.path)
+            self._latents, self._seen = x, file_stamp(self.path)
             return x.shape[0]
 
     def clear(self, timeout: float | None = None) -> None:
