@@ -17,7 +17,7 @@ import torch
 
 from ..spell_core import ReferenceSet, StorageError
 from ..spell_core.build import build_from_images
-from ..spell_core.index import BACKENDS, ReferenceIndex, folder_within, shards_within
+from ..spell_core.index import BACKENDS, ReferenceIndex
 from ..spell_core.paths import contained, find_in
 from ..spell_core.references import RESIZE_MODES, EncodingCache, encode_folder, fingerprint_tensors, fit_batch, list_images
 from ..spell_core.storage import inside
@@ -287,7 +287,6 @@ class SpellProtectedSetIndexBuilder:
             if folder == NONE or not src.is_dir():
                 raise StorageError(f"folder {folder!r} does not exist under ComfyUI's input directory")
             images_inside(folder_paths.get_input_directory(), folder)  # an image linked out of input/: refused
-            folder_within(out)  # a link out of the index folder, or an index listing shards outside it: refused
             bar = comfy.utils.ProgressBar(2)
 
             def progress(stage, done, total):
@@ -298,7 +297,6 @@ class SpellProtectedSetIndexBuilder:
                                             fingerprint_tensors(vae.get_sd()), batch=batch_size, shard_size=SHARD_ROWS,
                                             backend=backend,
                                             overwrite=overwrite, progress=progress)
-            shards_within([s.path for s in index.store.shards], out, out / "index.safetensors")
         except StorageError as e:
             raise SpellInputError(self.NODE_ID, f"{e}.") from e
         refs = ReferenceSet(None, {"sources": [f"index {out.name}/ ({len(index)})"]}, index)

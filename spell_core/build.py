@@ -6,6 +6,13 @@ modification times, and the encoding settings). Builds stream: images are read a
 time and written out shard by shard, so memory does not grow with the set. A build that was interrupted
 resumes at its first incomplete shard when it is run again on the same source; a folder built from a
 different source is never touched unless ``overwrite`` is set.
+
+A build holds the folder's lock (``index.safetensors.lock``, ``spell_core.locking``) from its first look at the
+folder to its last write, so two builds of one folder (two servers, a server and the command line) never
+interleave: the second waits up to ``lock_timeout`` seconds, then opens the first one's index (same source) or
+refuses (another source); if the lock is still held then, it raises ``LockTimeout`` and touches nothing. Before
+anything is opened, the folder must hold no link leading out of it and no index or manifest listing a shard
+outside it (``index.folder_within``).
 """
 from __future__ import annotations
 
@@ -19,7 +26,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .index import INDEX_FILE, MANIFEST, ReferenceIndex, build_shards
+from .index import INDEX_FILE, MANIFEST, ReferenceIndex, build_shards, folder_within
+from .locking import LOCK_TIMEOUT_S, file_lock
 from .references import list_images, read_image
 from .storage import StorageError, atomic_write_json, check_finite
 
@@ -64,19 +72,28 @@ def owned_files(out: Path) -> list[Path]:
 
 def build_index_folder(source, total: int, out: str | os.PathLike, record: dict, *, shard_size: int = 4096,
                        backend: str = "auto", overwrite: bool = False, progress: StageProgress | None = None,
-                       bar: bool = False, index_options: dict | None = None) -> tuple[ReferenceIndex, str]:
+                       bar: bool = False, index_options: dict | None = None,
+                       lock_timeout: float = LOCK_TIMEOUT_S) -> tuple[ReferenceIndex, str]:
     """Shards the latents of ``source`` into ``out`` and indexes them; returns (index, what was done).
 
     record describes the source (``describe_source``); it is stored in out/source.json. If out already holds
     a complete index of the same record it is opened as is; a partial build of the same record resumes; a
     folder holding shards or an index of another record raises StorageError unless overwrite, which deletes the
     build's own files first; a folder with nothing built yet (source.json and temporaries only) is started afresh.
-    index_options go to ``ReferenceIndex.build`` (projection, dim, ...).
+    index_options go to ``ReferenceIndex.build`` (projection, dim, ...). The whole build holds the folder's
+    lock (module docstring); LockTimeout after lock_timeout seconds if another build holds it.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise StorageError(f"{out.name} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    with file_lock(out / INDEX_FILE, f"index build {out.name}", lock_timeout):
+        folder_within(out)
+        return _build_locked(source, total, out, record, shard_size, backend, overwrite, progress, bar,
+                             index_options)
+
+
+def _build_locked(source, total, out, record, shard_size, backend, overwrite, progress, bar, index_options):
     src = out / SOURCE_FILE
     recorded = None
     if src.is_file():
@@ -98,7 +115,7 @@ def build_index_folder(source, total: int, out: str | os.PathLike, record: dict,
             p.unlink()
         existing = []
     if existing and (out / INDEX_FILE).is_file():
-        return ReferenceIndex.load(out), "already built from the same files: opened as is"
+        return ReferenceIndex.load(out, within=out), "already built from the same files: opened as is"
     resumed = any(p.name.startswith("shard-") for p in existing)
     atomic_write_json(src, record)
 

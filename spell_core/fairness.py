@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .memory import file_lock, file_stamp
+from .locking import file_lock, file_stamp
 from .storage import atomic_save, atomic_write_json, read_safetensors, remove_stale_temporaries
 
 LOSSES = ("batch mean", "per-image assignment", "per-image draw")

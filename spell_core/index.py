@@ -38,7 +38,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .repellency import flat32, rms_cdist
-from .storage import StorageError, atomic_save, atomic_write_json, check_finite, save_latents
+from .storage import (StorageError, atomic_save, atomic_write_json, check_finite, remove_stale_temporaries,
+                      remove_stale_temporaries_in, save_latents)
 
 try:  # optional
     import faiss
@@ -905,6 +906,7 @@ class ReferenceIndex:
         path = folder / INDEX_FILE
         if not path.is_file():
             raise StorageError(f"{folder} holds no {INDEX_FILE}")
+        remove_stale_temporaries(path)  # of a killed rewrite of the index
         header, _ = read_header(path)
         meta = header.get("__metadata__") or {}
         if meta.get("format") != INDEX_FORMAT:
@@ -1014,8 +1016,7 @@ def build_shards(source: Iterable[torch.Tensor] | Callable[[int], Iterable[torch
         info = json.loads(manifest.read_text())
         if info.get("shard_size") == shard_size:
             return shards_within([out / f for f in info["shards"]], out, manifest)
-    for stale in out.glob("*.tmp"):
-        stale.unlink()
+    remove_stale_temporaries_in(out)  # of killed writes; a live writer's are kept
     done_shards = complete_shards(out, shard_size)
     start = done_shards * shard_size
     it = source(start) if callable(source) else source

@@ -42,46 +42,61 @@ def _started(pid: int) -> float | None:
         return None
 
 
+def _is_stale(entry: os.DirEntry, pid: str | None) -> bool:
+    """Whether a temporary left by a write of pid (None: no pid in its name, an earlier version's) is litter:
+    its process is gone, or started after the temporary was written (a reused pid, as in a restarted
+    container); without a pid, older than an hour."""
+    try:
+        mtime = entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return False
+    if pid is None:
+        return time.time() - mtime > 3600
+    try:
+        os.kill(int(pid), 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    except PermissionError:  # exists, another account
+        alive = True
+    started = _started(int(pid)) if alive else None
+    return not alive or (started is not None and mtime < started - 1.0)
+
+
+def _remove_stale(folder: Path, pattern: re.Pattern, prefix: str = "") -> list[str]:
+    removed = []
+    try:
+        candidates = [e for e in os.scandir(folder) if e.name.startswith(prefix) and e.name.endswith(".tmp")]
+    except OSError:
+        return removed
+    for entry in candidates:
+        m = pattern.fullmatch(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False) or not _is_stale(entry, m.group("pid")):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(entry.name)
+        except OSError:
+            pass
+    return removed
+
+
+_TEMPORARY = r"\.(?:(?P<pid>\d+)-)?[a-z0-9_]+\.tmp"
+
+
 def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
     """Removes the temporaries that killed writes of path left beside it, and only those of this file: names
     ``<name>.<pid>-<random>.tmp`` whose process is gone, or older than that process's start (a reused pid, as in
     a restarted container). Temporaries of earlier versions (``<name>.<random>.tmp``, no pid) go when older than
-    an hour. Returns the names removed. Callers holding the file's lock call it before a write or a load."""
+    an hour. Returns the names removed. Callers call it before a write or a load; a live writer's temporary is
+    never touched, so no lock is needed."""
     path = Path(path)
-    mine = re.compile(re.escape(path.name) + r"\.(?:(\d+)-)?[a-z0-9_]+\.tmp")
-    removed = []
-    try:
-        candidates = [e for e in os.scandir(path.parent) if e.name.startswith(path.name + ".")]
-    except OSError:
-        return removed
-    for entry in candidates:
-        m = mine.fullmatch(entry.name)
-        if m is None or not entry.is_file(follow_symlinks=False):
-            continue
-        try:
-            mtime = entry.stat(follow_symlinks=False).st_mtime
-        except OSError:
-            continue
-        if m.group(1) is None:
-            stale = time.time() - mtime > 3600
-        else:
-            pid = int(m.group(1))
-            try:
-                os.kill(pid, 0)
-                alive = True
-            except ProcessLookupError:
-                alive = False
-            except PermissionError:  # exists, another account
-                alive = True
-            started = _started(pid) if alive else None
-            stale = not alive or (started is not None and mtime < started - 1.0)
-        if stale:
-            try:
-                os.unlink(entry.path)
-                removed.append(entry.name)
-            except OSError:
-                pass
-    return removed
+    return _remove_stale(path.parent, re.compile(re.escape(path.name) + _TEMPORARY), path.name + ".")
+
+
+def remove_stale_temporaries_in(folder: str | os.PathLike) -> list[str]:
+    """``remove_stale_temporaries`` for every file of folder (an index folder, whose shards are many)."""
+    return _remove_stale(Path(folder), re.compile(r".+" + _TEMPORARY))
 
 
 def atomic_save(tensors: dict, path: str | os.PathLike, metadata: dict) -> None:

@@ -98,3 +98,47 @@ def test_lock_timeout_is_a_storage_error_naming_the_file(tmp_path):
         assert isinstance(e.value, StorageError)
         assert BatchMemory(path, 4).latents() is None  # a reader does not wait for the lock
     assert not path.exists()
+
+
+# ---- index builds and the encoding cache (drivers in tools/soak_index.py) ----
+
+def test_sigkill_during_index_builds_leaves_whole_files_and_the_next_build_finishes(tmp_path):
+    from tools.soak_index import kill_builds
+
+    r = kill_builds(tmp_path, tries=6, seed=0)
+    assert [rec for rec in r["records"] if rec["error"]] == []  # every shard, manifest and index whole after a kill
+    last = r["records"][-1]
+    assert last["finished"] and last["exact"] and last["temporaries_left"] == 0
+    assert last["files"] == ["index.safetensors", "index.safetensors.lock", "manifest.json", "source.json"]
+
+
+def test_two_processes_building_one_index_folder_build_it_once(tmp_path):
+    from tools.soak_index import two_builders
+
+    r = two_builders(tmp_path)
+    assert r["whats"] == ["already built from the same files: opened as is", "built"]  # the second waited
+    assert r["rows"] == 12000
+    assert r["files"] == ["index.safetensors", "index.safetensors.lock", "manifest.json", "source.json"]
+
+
+def test_two_processes_encoding_through_one_cache_get_the_same_latents(tmp_path):
+    from tools.soak_index import two_encoders
+
+    r = two_encoders(tmp_path, images=24)
+    assert all("error" not in x for x in r["results"]), r["results"]
+    assert len({x["sum"] for x in r["results"]}) == 1 and r["results"][2]["encoded"] == 0  # the third: all cached
+    assert r["entries"] == r["whole"] == 24 and r["temporaries"] == []
+
+
+def test_an_index_build_waits_for_another_builds_lock_then_says_so_and_writes_nothing(tmp_path):
+    from spell_core.build import build_index_folder
+    from spell_core.locking import file_lock
+
+    out = tmp_path / "idx"
+    out.mkdir()
+    with file_lock(out / "index.safetensors", "another build"):  # another handle: as another process's
+        with pytest.raises(LockTimeout, match="index build idx: .*another process") as e:
+            build_index_folder(lambda start: iter([torch.randn(8, 4, 2, 2)]), 8, out, {"files": 1},
+                               shard_size=8, lock_timeout=0.2)
+        assert "nothing was written" in str(e.value)
+    assert sorted(p.name for p in out.iterdir()) == ["index.safetensors.lock"]

@@ -130,3 +130,25 @@ def test_index_shards_listed_outside_the_folder_are_refused(tmp_path):
     os.symlink(outside / "shard-00000.safetensors", inner / "shard-00001.safetensors")
     with pytest.raises(PathRefused, match="outside"):
         folder_within(inner)
+
+
+def test_the_command_line_build_refuses_a_folder_with_a_link_out_and_touches_nothing(tmp_path):
+    import torch
+
+    from spell_core.index import main
+    from spell_core.storage import save_latents
+
+    lat = tmp_path / "lat"
+    save_latents(lat / "a.safetensors", torch.randn(32, 4, 4, 4))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "shard-00000.safetensors"
+    secret.write_bytes(b"not yours")
+    out = tmp_path / "idx"
+    out.mkdir()
+    (out / "shard-00000.safetensors").symlink_to(secret)  # a resumed build would have read or replaced it
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit, match="shard-00000.safetensors.*outside"):
+            main(["build", "--latents-dir", str(lat), "--out", str(out), "--shard-size", "16", *extra])
+        assert secret.read_bytes() == b"not yours"
+        assert sorted(p.name for p in out.iterdir()) == ["index.safetensors.lock", "shard-00000.safetensors"]
