@@ -26,7 +26,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .index import INDEX_FILE, MANIFEST, ReferenceIndex, build_shards, folder_within
+from .index.building import build_shards, folder_within
+from .index.search import ReferenceIndex
+from .index.shards import INDEX_FILE, MANIFEST
 from .locking import LOCK_TIMEOUT_S, file_lock
 from .references import list_images, read_image
 from .storage import StorageError, atomic_write_json, check_finite

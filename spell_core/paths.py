@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from .storage import StorageError
+from .errors import StorageError
 
 NAME_MAX = 255  # bytes per path component (ext4, XFS, Btrfs, APFS, NTFS in UTF-16 units)
 PATH_MAX = 4095  # bytes of a whole path (Linux PATH_MAX minus the terminating NUL)

@@ -52,7 +52,7 @@ class ReferenceSet:
     def search_index(self):
         """The exact index for large sets (built once, kept on the set), None for small ones."""
         if self.index is None and len(self) >= INDEX_MIN_REFERENCES:
-            from .index import ReferenceIndex
+            from .index.search import ReferenceIndex
 
             self.index = ReferenceIndex.build(self.latents)
         return self.index
@@ -76,7 +76,7 @@ class ReferenceSet:
         """A set file (safetensors) or an index folder (holding index.safetensors and its shards)."""
         path = Path(path)
         if path.is_dir():
-            from .index import ReferenceIndex
+            from .index.search import ReferenceIndex
 
             index = ReferenceIndex.load(path)
             if len(index) == 0:

@@ -12,11 +12,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import StorageError  # noqa: F401 (re-exported: spell_core.storage.StorageError)
+
 FORMAT = "spell-latents/1"
-
-
-class StorageError(ValueError):
-    """A file that cannot be used; the message says which file and why."""
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:

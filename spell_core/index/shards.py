@@ -1,0 +1,195 @@
+"""Memory-mapped safetensors shards of the index: ``read_header``, ``Shard`` (one file of reference latents) and
+``LatentStore`` (all references, in memory or over shards), and the names of the index folder's files.
+
+Full latents live in memory or in memory-mapped safetensors shards; files are safetensors, never pickles.
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ..storage import StorageError
+
+INDEX_FORMAT = "spell-index/1"
+INDEX_FILE = "index.safetensors"
+MANIFEST = "manifest.json"
+
+ProgressFn = Callable[[int, int], None]
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """Parses a safetensors header -> (header dict, byte offset of the data); raises StorageError if broken."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise StorageError(f"{path} is truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100_000_000):
+                raise StorageError(f"{path} is truncated or corrupt (header length {n} for a {size}-byte file)")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StorageError(f"{path} is not a readable safetensors file ({e})") from e
+    if not isinstance(header, dict):
+        raise StorageError(f"{path} has a corrupt safetensors header")
+    return header, 8 + n
+
+
+class Shard:
+    """One safetensors file holding {"latents": float32 [n, ...]}; rows are fetched with positioned reads
+    (``take``), so only the page cache holds them and the process' resident memory does not grow with the
+    rows touched (a memory map, ``rows``, is still available)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StorageError(f"shard {self.path} does not exist")
+        header, start = read_header(self.path)
+        info = header.get("latents")
+        if not isinstance(info, dict) or info.get("dtype") != "F32":
+            raise StorageError(f"shard {self.path} holds no float32 'latents' tensor")
+        self.shape = tuple(int(s) for s in info["shape"])
+        begin, end = info["data_offsets"]
+        expected = 4 * math.prod(self.shape)
+        if end - begin != expected or self.path.stat().st_size < start + end:
+            raise StorageError(f"shard {self.path} is truncated: expected {start + end} bytes for shape "
+                               f"{self.shape}, found {self.path.stat().st_size}")
+        self.offset = start + begin
+        self._mm = None
+        self._fd = None
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def rows(self) -> np.ndarray:
+        """[n, D] float32 memory map."""
+        if self._mm is None:
+            d = math.prod(self.shape[1:])
+            self._mm = np.memmap(self.path, np.float32, "r", self.offset, (self.shape[0], d))
+            if hasattr(mmap, "MADV_RANDOM"):  # candidate rows are scattered: no readahead around them
+                self._mm._mmap.madvise(mmap.MADV_RANDOM)
+        return self._mm
+
+    def take(self, local: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows local [P] (sorted ascending for sequential access) -> [P, D] float32 (into out, a C-contiguous
+        [P, D] float32 array, if given), one positioned read per run of consecutive rows."""
+        d = math.prod(self.shape[1:])
+        rb = 4 * d
+        out = np.empty((len(local), d), np.float32) if out is None else out
+        if len(local) == 0:
+            return out
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        cut = np.flatnonzero(np.diff(local) != 1) + 1
+        starts, ends = np.concatenate([[0], cut]), np.concatenate([cut, [len(local)]])
+        buf = memoryview(out).cast("B")
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            at, want = self.offset + int(local[a]) * rb, (b - a) * rb
+            if hasattr(os, "preadv"):
+                got = os.preadv(self._fd, [buf[a * rb:b * rb]], at)
+            else:  # pragma: no cover - platforms without preadv
+                data = os.pread(self._fd, want, at)
+                got = len(data)
+                buf[a * rb:a * rb + got] = data
+            if got != want:
+                raise StorageError(f"shard {self.path} is truncated: short read at row {int(local[a])}")
+        return out
+
+    def read(self, a: int, b: int) -> torch.Tensor:
+        """Rows a..b as a float32 [b − a, D] tensor, read (not mapped: streaming leaves no resident pages)."""
+        d = math.prod(self.shape[1:])
+        x = np.fromfile(self.path, np.float32, (b - a) * d, offset=self.offset + 4 * a * d)
+        return torch.from_numpy(x.reshape(b - a, d))
+
+
+class LatentStore:
+    """Reference latents [N, D] float32, either in memory or spread over memory-mapped shards."""
+
+    def __init__(self, item_shape: tuple, tensor: torch.Tensor | None = None, shards: Sequence[Shard] = ()):
+        self.item_shape = tuple(item_shape)
+        self.tensor = tensor
+        self.shards = list(shards)
+        sizes = [len(s) for s in self.shards]
+        self.starts = np.cumsum([0] + sizes)
+        self.n = tensor.shape[0] if tensor is not None else int(self.starts[-1])
+
+    @classmethod
+    def from_files(cls, files: Sequence[str | os.PathLike]) -> "LatentStore":
+        shards = [Shard(f) for f in files]
+        if not shards:
+            raise ValueError("no shard files given")
+        shapes = {s.shape[1:] for s in shards}
+        if len(shapes) != 1:
+            raise StorageError(f"shards hold different item shapes: {sorted(shapes)}")
+        return cls(shapes.pop(), shards=shards)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.item_shape)
+
+    def chunks(self, size: int = 16384) -> Iterable[tuple[int, torch.Tensor]]:
+        """Yields (start, rows [n, D] float32) over all references in order."""
+        if self.tensor is not None:
+            for a in range(0, self.n, size):
+                yield a, self.tensor[a:a + size]
+            return
+        for s, base in zip(self.shards, self.starts):
+            for a in range(0, len(s), size):
+                yield int(base) + a, s.read(a, min(a + size, len(s)))
+
+    def get(self, k: torch.Tensor) -> torch.Tensor:
+        """Rows k [P] -> [P, D] float32."""
+        k = k.to("cpu", torch.long)
+        if self.tensor is not None:
+            return self.tensor[k]
+        out = torch.empty(len(k), self.dim)
+        if len(k) == 0:
+            return out
+        kn = k.numpy()
+        if len(kn) < 2 or bool((kn[1:] >= kn[:-1]).all()):  # sorted: read straight into the output
+            return self.get_sorted(kn, out)
+        which = np.searchsorted(self.starts, kn, side="right") - 1
+        for s in np.unique(which):
+            sel = np.nonzero(which == s)[0]
+            local = kn[sel] - self.starts[s]
+            order = np.argsort(local, kind="stable")  # sorted, so consecutive rows are read in one call
+            out[torch.from_numpy(sel[order])] = torch.from_numpy(self.shards[s].take(local[order]))
+        return out
+
+    def get_sorted(self, kn: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+        """Rows kn [P] (ascending) of the shards read into out [≥ P, D] float32 (contiguous) -> out[:P]."""
+        o = out.numpy()
+        bounds = np.searchsorted(kn, self.starts)
+        for s, shard in enumerate(self.shards):
+            a, b = int(bounds[s]), int(bounds[s + 1])
+            if b > a:
+                shard.take(kn[a:b] - self.starts[s], o[a:b])
+        return out[:len(kn)]
+
+    def sample(self, n: int, seed: int = 0) -> torch.Tensor:
+        """n rows spread over the set (for fitting the projection)."""
+        n = min(n, self.n)
+        g = np.random.default_rng(seed)
+        k = np.sort(g.choice(self.n, n, replace=False))
+        return self.get(torch.from_numpy(k))
+
