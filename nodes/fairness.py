@@ -143,6 +143,48 @@ def capture_features(model, positive, latents, sigmas_per_level, grid, seed, pro
     return feats.view(len(sigmas_per_level), latents.shape[0], -1), channels.pop()
 
 
+def ordered_classes(names) -> list[str]:
+    """The distinct class names, numbers in numeric order first, then the rest alphabetically."""
+    return sorted(set(names), key=lambda c: (len(c), c) if c.isdigit() else (math.inf, c))
+
+
+def labelled_examples(node_id, folder, width, height, images, labels):
+    """(pixels [N, H, W, 3], class names [N]) of labelled examples: a folder under ComfyUI's input directory with one
+    sub-folder of images per class, and/or an IMAGE batch with one class name per image (the trainers' convention)."""
+    pixels, names = [], []
+    if folder != NONE:
+        try:
+            base = inside(folder_paths.get_input_directory(), folder)
+        except StorageError as e:
+            raise SpellInputError(node_id, str(e)) from e
+        if not base.is_dir():
+            raise SpellInputError(node_id, f"folder {folder!r} does not exist under ComfyUI's input directory.")
+        for sub in sorted(p for p in base.iterdir() if p.is_dir()):
+            for f in list_images(sub):
+                try:
+                    f = inside(folder_paths.get_input_directory(), f"{folder}/{sub.name}/{f.name}")  # linked out: refused
+                    pixels.append(torch.from_numpy(read_image(f, width, height, "center crop")))
+                except StorageError as e:
+                    raise SpellInputError(node_id, f"{sub.name}/{e}") from e
+                names.append(sub.name)
+    if images is not None:
+        given = [t.strip() for t in re.split(r"[,\n]", labels or "") if t.strip()]
+        if len(given) != images.shape[0]:
+            raise SpellInputError(node_id, f"{images.shape[0]} images but {len(given)} labels; give one class "
+                                                f"name per image, separated by commas.")
+        if images.shape[1:3] != (height, width):
+            raise SpellInputError(node_id, f"the images are {images.shape[2]}x{images.shape[1]}, the "
+                                                f"generation size is {width}x{height}; resize them first.")
+        pixels += list(images.detach().float().cpu())
+        names += given
+    elif labels:
+        raise SpellInputError(node_id, "labels are connected but no images; connect the IMAGE batch too.")
+    if not pixels:
+        raise SpellInputError(node_id, "no examples: choose a folder of class sub-folders or connect images "
+                                            "and labels.")
+    return torch.stack(pixels), names
+
+
 class SpellAttributeHeadTrainer:
     NODE_ID = "SpellAttributeHeadTrainer"
     DISPLAY_NAME = "SPELL Attribute Head Trainer"
@@ -211,8 +253,8 @@ class SpellAttributeHeadTrainer:
             raise SpellInputError(self.NODE_ID, f"{e}.") from e
         if path.exists() and not overwrite:
             raise SpellInputError(self.NODE_ID, f"{path.name} already exists; switch overwrite on or choose another name.")
-        pixels, names = self.examples(folder, width, height, images, labels)
-        classes = sorted(set(names), key=lambda c: (len(c), c) if c.isdigit() else (math.inf, c))
+        pixels, names = labelled_examples(self.NODE_ID, folder, width, height, images, labels)
+        classes = ordered_classes(names)
         if len(classes) < 2:
             raise SpellInputError(self.NODE_ID, f"need examples of at least 2 classes, got {classes}.")
         y = torch.tensor([classes.index(n) for n in names])
@@ -233,41 +275,6 @@ class SpellAttributeHeadTrainer:
         heads.save(path)
         report = f"saved models/{HEADS}/{path.name}; {len(y)} examples\n" + heads.describe()
         return {"ui": {"text": [report]}, "result": (heads, report)}
-
-    def examples(self, folder, width, height, images, labels):
-        """(pixels [N, H, W, 3], class names [N]) from the folder and the IMAGE batch."""
-        pixels, names = [], []
-        if folder != NONE:
-            try:
-                base = inside(folder_paths.get_input_directory(), folder)
-            except StorageError as e:
-                raise SpellInputError(self.NODE_ID, str(e)) from e
-            if not base.is_dir():
-                raise SpellInputError(self.NODE_ID, f"folder {folder!r} does not exist under ComfyUI's input directory.")
-            for sub in sorted(p for p in base.iterdir() if p.is_dir()):
-                for f in list_images(sub):
-                    try:
-                        f = inside(folder_paths.get_input_directory(), f"{folder}/{sub.name}/{f.name}")  # linked out: refused
-                        pixels.append(torch.from_numpy(read_image(f, width, height, "center crop")))
-                    except StorageError as e:
-                        raise SpellInputError(self.NODE_ID, f"{sub.name}/{e}") from e
-                    names.append(sub.name)
-        if images is not None:
-            given = [t.strip() for t in re.split(r"[,\n]", labels or "") if t.strip()]
-            if len(given) != images.shape[0]:
-                raise SpellInputError(self.NODE_ID, f"{images.shape[0]} images but {len(given)} labels; give one class "
-                                                    f"name per image, separated by commas.")
-            if images.shape[1:3] != (height, width):
-                raise SpellInputError(self.NODE_ID, f"the images are {images.shape[2]}x{images.shape[1]}, the "
-                                                    f"generation size is {width}x{height}; resize them first.")
-            pixels += list(images.detach().float().cpu())
-            names += given
-        elif labels:
-            raise SpellInputError(self.NODE_ID, "labels are connected but no images; connect the IMAGE batch too.")
-        if not pixels:
-            raise SpellInputError(self.NODE_ID, "no examples: choose a folder of class sub-folders or connect images "
-                                                "and labels.")
-        return torch.stack(pixels), names
 
 
 class SpellAttributeHeadLoader:

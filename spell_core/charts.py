@@ -357,3 +357,59 @@ def fairness_chart(classes, target, outputs=None, running=None, running_label: s
     if running is not None:
         series.append((running_label, list(running), RUNNING))
     return bar_chart(classes, series, title, subtitle, y_title="share of outputs", x_title="class")
+
+
+LINE_BOX = (78, 104, 680, 442)  # training chart: loss (left axis) and validation bias (right axis) per iteration
+
+
+def smoothed(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to window values (the first ones over what there is)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def training_chart(rows: list[dict], title: str = "SPELL Fair LoRA Trainer", subtitle: str = "") -> np.ndarray:
+    """Training curves [HEIGHT, WIDTH, 3] uint8 from log rows ({"iteration", "total", "align", optional
+    "validation_bias"}): total and alignment loss (trailing means over 20 iterations) on the left axis, the
+    validation bias as dots on the right axis."""
+    c = Canvas()
+    trained = [r for r in rows if "total" in r and math.isfinite(r["total"])]
+    if not trained:
+        return message_chart(title, "no iteration has run yet")
+    c.title(title, subtitle or f"{trained[-1]['iteration']} iterations; loss: trailing mean of 20")
+    box = LINE_BOX
+    x0, y0, x1, y1 = box
+    last = max(r["iteration"] for r in trained)
+    first = min(r["iteration"] for r in trained)
+    total, align = smoothed([r["total"] for r in trained], 20), smoothed([r["align"] for r in trained], 20)
+    top, ticks = nice_ticks(max(total + align) * 1.08 or 1.0)
+    c.y_axis(box, top, ticks, "loss")
+    val = [(r["iteration"], r["validation_bias"]) for r in rows if "validation_bias" in r]
+    vtop, vticks = nice_ticks(max([b for _, b in val] + [1e-3]) * 1.15)
+    c.y_axis(box, vtop, vticks, "validation bias", right=True, colour=PUSH_SIZE, grid=False)
+
+    def x_of(it):
+        return x0 + (x1 - x0) * (it - first) / max(last - first, 1)
+
+    for values, colour in ((total, REFERENCE), (align, PEER)):
+        pts = [(x_of(r["iteration"]), value_y(box, top, v)) for r, v in zip(trained, values)]
+        if len(pts) > 1:
+            c.draw.line(pts, fill=colour, width=2)
+    for it, b in val:
+        x, y = x_of(max(it, first)), value_y(box, vtop, b)
+        c.draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=PUSH_SIZE)
+    c.frame(box)
+    _, xticks = nice_ticks(float(last))
+    for t in xticks:
+        if first <= t <= last:
+            c.draw.line([(round(x_of(t)), y1), (round(x_of(t)), y1 + 4)], fill=AXIS)
+            c.text((x_of(t), y1 + 6), f"{t:g}", size=11, anchor="ma")
+    c.text(((x0 + x1) / 2, y1 + 24), "iteration", size=12, anchor="ma")
+    c.legend(x0, y0 - 26, [("total loss", REFERENCE, "line"), ("alignment loss", PEER, "line"),
+                           ("validation bias", PUSH_SIZE, "line")], size=13)
+    return c.array()

@@ -73,6 +73,9 @@ def test_build_resumes_after_cancel_and_reopens(comfy, pack, monkeypatch):
     third = CountingVAE(vae)
     again, summary = build(comfy, "index-src", third)
     assert third.images == 0 and summary.startswith("already built") and len(again) == 37
+    # the folder holds the build's files and its lock, nothing else (no temporary, hidden or not, after a cancel)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("shard-")) == [
+        "index.safetensors", "index.safetensors.lock", "manifest.json", "source.json"]
 
     loader = comfy.NODE_CLASS_MAPPINGS["SpellProtectedSetLoader"]
     assert "idx/" in loader.INPUT_TYPES()["required"]["set_file"][0]

@@ -1,0 +1,157 @@
+"""The demo's fair LoRA against the base model and the sampling-time guidance, side by side in one run.
+
+Every image comes from ComfyUI's own KSampler (euler, 20 steps, CFG 4); the LoRA is applied by ComfyUI's stock
+LoraLoaderModelOnly. The judge is the demo's evaluator on decoded pixels (``demo/evaluator.py``), not the latent
+classifier the LoRA was trained with. Methods on "any digit", `--images` images each:
+- base model; LoRA at batch 1 (every image sampled alone); LoRA + SPELL Distribution Guidance (per-image
+  assignment) at batch 16; the guidance alone at batch 1, 4 and 16.
+Metrics: bias (mean pairwise |freq_i − freq_j|), per-class share against the target, precision/recall and Fréchet
+distance of evaluator features against the 360 held-out digits; for each single-digit prompt: class accuracy and
+same-seed evaluator-feature cosine to the base model (collateral damage); sampling time of the LoRA model
+against the base (interleaved, same batches); the training curves of naive against adjusted DFT when their logs
+are given.
+
+    .venv/bin/python -m benchmarks.fair_lora_eval [--lora demo_fair_digits] [--images 500] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lora", default="demo_fair_digits", help="a LoRA in demo/weights (name without .safetensors)")
+    ap.add_argument("--target", default=", ".join(f"{d}: 0.1" for d in range(10)))
+    ap.add_argument("--images", type=int, default=500)
+    ap.add_argument("--per-digit", type=int, default=64, help="images per single-digit prompt")
+    ap.add_argument("--skip-guidance", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    t_start = time.time()
+    from tools import comfy_host
+
+    comfy = comfy_host.start(tempfile.mkdtemp(prefix="spell-fair-lora-eval-"))
+    import folder_paths
+
+    pack = comfy_host.pack_module()
+    fairness = pack.spell_core.fairness
+    from spell_core import metrics
+    from demo.data import digits_split, latents_to_images16
+    from demo.evaluator import load_evaluator
+
+    nodes = comfy.NODE_CLASS_MAPPINGS
+    loras = Path(folder_paths.get_folder_paths("loras")[0])
+    loras.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ROOT / "demo" / "weights" / f"{args.lora}.safetensors", loras / f"{args.lora}.safetensors")
+    model, vae, prompts = nodes["SpellDemoModelLoader"]().load()
+    lora_model = nodes["LoraLoaderModelOnly"]().load_lora_model_only(model, f"{args.lora}.safetensors", 1.0)[0]
+    encode = nodes["SpellDemoClassPrompt"]().encode
+    pos, neg = encode(prompts, "any digit")[0], encode(prompts, "(empty)")[0]
+    ev = load_evaluator()
+    test_images, _ = digits_split()["test"]
+    with torch.no_grad():
+        real = ev.features(test_images)
+    p = fairness.parse_target(args.target, [str(d) for d in range(10)])
+
+    def sample(m, batch, seed, cond=pos):
+        return comfy.common_ksampler(m, seed, 20, 4.0, "euler", "normal", cond, neg,
+                                     {"samples": torch.zeros(batch, 4, 8, 8)})[0]["samples"]
+
+    def evaluate(lat):
+        x = latents_to_images16(lat)
+        with torch.no_grad():
+            return ev.predict(x).argmax(1), ev.features(x)
+
+    def run(m, batch, n, seed0=100_000, cond=pos):
+        lats, t = [], time.perf_counter()
+        for k in range(n // batch):
+            lats.append(sample(m, batch, seed0 + k, cond))
+        lat = torch.cat(lats)
+        return lat, time.perf_counter() - t
+
+    def summary(lat, feats, cls):
+        f = torch.bincount(cls, minlength=10).double() / cls.numel()
+        q = metrics.prdc(real, feats, k=5)
+        return {"n": int(cls.numel()), "bias": fairness.bias(f), "share": [round(float(v), 4) for v in f],
+                "max_points_off": float(100 * (f - p).abs().max()), "precision": q["precision"],
+                "recall": q["recall"], "frechet": metrics.frechet_distance(real, feats)}
+
+    results = {"lora": args.lora, "target": args.target, "images": args.images, "methods": {}}
+
+    def record(name, lat, seconds, batch):
+        cls, feats = evaluate(lat)
+        row = summary(lat, feats, cls)
+        row.update(batch=batch, seconds=round(seconds, 2))
+        results["methods"][name] = row
+        print(name, {k: v for k, v in row.items() if k != "share"}, flush=True)
+        return cls, feats
+
+    n = args.images
+    base_lat, base_s = run(model, 1, n)
+    record("base, batch 1", base_lat, base_s, 1)
+    lora_lat, lora_s = run(lora_model, 1, n)
+    record("LoRA, batch 1", lora_lat, lora_s, 1)
+    # sampling time: interleaved batches of 16, the same seeds, both models
+    times = {"base": 0.0, "LoRA": 0.0}
+    for k in range(12):
+        for name, m in (("base", model), ("LoRA", lora_model)) if k % 2 else (("LoRA", lora_model), ("base", model)):
+            t = time.perf_counter()
+            sample(m, 16, 200_000 + k)
+            times[name] += time.perf_counter() - t
+    results["sampling_time_ratio"] = times["LoRA"] / times["base"]
+    print("sampling time ratio LoRA/base", results["sampling_time_ratio"], flush=True)
+
+    if not args.skip_guidance:
+        images, labels = nodes["SpellDemoDigitExamples"]().load(100)
+        heads = nodes["SpellAttributeHeadTrainer"]().train(model, vae, pos, "(none)", "bench_digits", 64, 64, 8, 4,
+                                                           0.2, 0, True, images=images, labels=labels)["result"][0]
+        guide = nodes["SpellDistributionGuidance"]()
+        guided = guide.patch(model, heads, args.target, 100.0, "per-image assignment", 8.0, "chi-square")[0]
+        both = guide.patch(lora_model, heads, args.target, 100.0, "per-image assignment", 8.0, "chi-square")[0]
+        for batch in (1, 4, 16):
+            lat, s = run(guided, batch, n)
+            record(f"guidance alone, batch {batch}", lat, s, batch)
+        lat, s = run(both, 16, n)
+        record("LoRA + guidance, batch 16", lat, s, 16)
+
+    # collateral damage: each single-digit prompt, base against LoRA, same seeds
+    collateral = {}
+    for d in range(10):
+        cond = encode(prompts, str(d))[0]
+        b_lat, _ = run(model, 16, args.per_digit, 300_000 + 1000 * d, cond)
+        l_lat, _ = run(lora_model, 16, args.per_digit, 300_000 + 1000 * d, cond)
+        (b_cls, b_feat), (l_cls, l_feat) = evaluate(b_lat), evaluate(l_lat)
+        collateral[str(d)] = {
+            "accuracy_base": float((b_cls == d).double().mean()), "accuracy_lora": float((l_cls == d).double().mean()),
+            "feature_cosine": float(torch.nn.functional.cosine_similarity(b_feat, l_feat).mean())}
+        print("digit", d, collateral[str(d)], flush=True)
+    results["single_digit_prompts"] = collateral
+    base, lora = results["methods"]["base, batch 1"], results["methods"]["LoRA, batch 1"]
+    results["checks"] = {
+        "bias_cut_lora_batch1": 1 - lora["bias"] / base["bias"],
+        "max_points_off_lora_batch1": lora["max_points_off"],
+        "precision_drop_lora": base["precision"] - lora["precision"],
+        "min_single_digit_accuracy_lora": min(v["accuracy_lora"] for v in collateral.values()),
+        "min_single_digit_feature_cosine": min(v["feature_cosine"] for v in collateral.values()),
+        "sampling_time_ratio": results["sampling_time_ratio"],
+    }
+    results["total_seconds"] = round(time.time() - t_start, 1)
+    out = Path(args.out or ROOT / "docs" / "fairness" / f"{args.lora}.eval.json")
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results["checks"], indent=1), "\ntotal", results["total_seconds"], "s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Trains the demo's fair LoRA: "any digit" (which the demo model draws with 24 % ones and 22 % sevens) toward a
+uniform share of the ten digits, through the pack's own nodes in a headless ComfyUI (SPELL Latent Classifier
+Trainer on the demo's training digits, then SPELL Fair LoRA Trainer with the ten single-digit prompts kept).
+
+    .venv/bin/python -m demo.train_fair_lora [--iterations 500] [--target "1: 0.3, ..."] [--out NAME]
+
+Writes demo/weights/<out>.safetensors (the LoRA the example workflow loads with stock LoraLoaderModelOnly; the
+pack copies it into models/loras on start), docs/fairness/<out>.training.json (settings, losses, gradient norms,
+validation bias) and docs/fairness/<out>.png (the training chart). The classifier is the pack's latent CNN,
+trained on the demo's training split; the demo's evaluator (decoded pixels, another network) stays the judge in
+``benchmarks/fair_lora_eval.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+UNIFORM = ", ".join(f"{d}: 0.1" for d in range(10))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--iterations", type=int, default=500)
+    ap.add_argument("--target", default=UNIFORM)
+    ap.add_argument("--out", default="demo_fair_digits")
+    ap.add_argument("--gradient", default="adjusted", choices=("adjusted", "naive"))
+    ap.add_argument("--learning-rate", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-keep", action="store_true", help="train without the single-digit prompts kept")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(2)
+    from tools import comfy_host
+
+    comfy = comfy_host.start(tempfile.mkdtemp(prefix="spell-fair-lora-"))
+    import folder_paths
+    from PIL import Image
+
+    nodes = comfy.NODE_CLASS_MAPPINGS
+    t0 = time.perf_counter()
+    model, vae, prompts = nodes["SpellDemoModelLoader"]().load()
+    images, labels = nodes["SpellDemoDigitExamples"]().load(140)  # the whole training split
+    clf, clf_report = nodes["SpellLatentClassifierTrainer"]().train(
+        model, vae, "(none)", "demo_digits", 64, 64, 40, 0.2, args.seed, True, images, labels)["result"]
+    print(clf_report, file=sys.stderr, flush=True)
+    encode = nodes["SpellDemoClassPrompt"]().encode
+    pos, neg = encode(prompts, "any digit")[0], encode(prompts, "(empty)")[0]
+    keep = None if args.no_keep else [entry for d in range(10) for entry in encode(prompts, str(d))[0]]
+    result = nodes["SpellFairLoRATrainer"]().train(
+        model, pos, neg, clf, args.target, args.out, args.iterations, 20, 6, 4.0, 8, args.learning_rate, args.seed,
+        False, 50, keep=keep, gradient=args.gradient)["result"]
+    seconds = time.perf_counter() - t0
+    print(result[1], file=sys.stderr)
+    loras = Path(folder_paths.get_folder_paths("loras")[0])
+    (ROOT / "demo" / "weights").mkdir(exist_ok=True)
+    shutil.copyfile(loras / f"{args.out}.safetensors", ROOT / "demo" / "weights" / f"{args.out}.safetensors")
+    log = json.loads((loras / f"{args.out}.training.json").read_text())
+    log["summary"].update(command="python -m demo.train_fair_lora " + " ".join(argv or sys.argv[1:]),
+                          seconds=round(seconds, 1), classifier=clf_report, threads=torch.get_num_threads())
+    docs = ROOT / "docs" / "fairness"
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / f"{args.out}.training.json").write_text(json.dumps(log, indent=1))
+    chart = (result[2][0].numpy() * 255).round().astype("uint8")
+    Image.fromarray(chart).save(docs / f"{args.out}.png")
+    print(f"trained in {seconds:.0f} s: demo/weights/{args.out}.safetensors, docs/fairness/{args.out}.training.json",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""spell_core.finetune alone (no ComfyUI): distributional alignment targets, the confidence rule, adjusted DFT
+through the sampler, LoRA maths and key names, the training classifier, exact resume from a checkpoint."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from spell_core.fairness import assign
+from spell_core.finetune import (FairLoRAConfig, FairLoRATask, FairTrainer, LatentClassifier, LoRA, alignment_loss,
+                                 alignment_targets, attention_linears, confident_labels, dft_scales, sample_chain,
+                                 scale_grad, train_classifier)
+
+
+def monte_carlo(p, target, draws, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.zeros(p.shape, dtype=torch.float64)
+    for _ in range(draws):
+        labels = torch.multinomial(target, p.shape[0], replacement=True, generator=g)
+        q[torch.arange(p.shape[0]), assign(p, labels)] += 1
+    return q / draws
+
+
+def test_two_class_targets_are_the_exact_expectation_of_iid_draws():
+    g = torch.Generator().manual_seed(1)
+    p = torch.rand(12, generator=g)
+    p = torch.stack([1 - p, p], 1)
+    target = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    q = alignment_targets(p, target, "iid")
+    assert torch.allclose(q.sum(1), torch.ones(12))
+    assert (q.double() - monte_carlo(p, target, 20000)).abs().max() < 0.015
+    order = torch.argsort(p[:, 1], descending=True)
+    assert torch.all(q[order, 1][:-1] >= q[order, 1][1:])  # the likelier class 1, the likelier its label
+    assert math.isclose(float(q[:, 1].sum()), 12 * 0.7, rel_tol=1e-5)  # the expected count of class-1 labels
+
+
+def test_many_class_targets_exact_enumeration_matches_monte_carlo():
+    g = torch.Generator().manual_seed(2)
+    p = torch.rand(5, 3, generator=g).softmax(1)
+    target = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    exact = alignment_targets(p, target, "iid")  # C(7, 2) = 21 label-count vectors: enumerated
+    assert (exact.double() - monte_carlo(p, target, 20000)).abs().max() < 0.015
+    sampled = alignment_targets(p, target, "iid", exact_limit=1, samples=20000, generator=g)
+    assert (exact - sampled).abs().max() < 0.015
+
+
+def test_stratified_targets_give_whole_seats_and_full_confidence():
+    p = torch.eye(4)[torch.tensor([0, 0, 0, 0, 1, 1, 2, 3])].float() * 0.9 + 0.025
+    q = alignment_targets(p, torch.full((4,), 0.25), "stratified")
+    y, keep = confident_labels(q)
+    assert keep.all() and torch.bincount(y, minlength=4).tolist() == [2, 2, 2, 2]
+    assert (y[4:] == torch.tensor([1, 1, 2, 3])).all()  # images already of a class with room keep it
+    # an inexact share (8 x 0.3) gets the remaining seat by the fractional parts: not every image is sure
+    q2 = alignment_targets(p, torch.tensor([0.3, 0.3, 0.2, 0.2]), "stratified", samples=200,
+                           generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(q2.sum(0), torch.tensor([2.4, 2.4, 1.6, 1.6]), atol=0.25)
+
+
+def test_confidence_rule_and_alignment_loss():
+    q = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    y, keep = confident_labels(q, 0.8)
+    assert y.tolist() == [0, 0, 1] and keep.tolist() == [True, False, True]
+    logits = torch.tensor([[2.0, 0.0], [0.0, 5.0], [0.0, 1.0]])
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    assert torch.isclose(alignment_loss(logits, y, keep), (ce[0] + ce[2]) / 3)
+
+
+def test_scale_grad_scales_only_the_gradient():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    y = scale_grad(x * 3, 0.5)
+    assert torch.equal(y, torch.tensor([3.0, 6.0]))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.5, 1.5]))
+
+
+def ddpm_sigmas():
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # SD's scaled linear
+    abar = torch.cumprod(1 - betas, 0)
+    return ((1 - abar) / abar).sqrt(), abar, 1 - betas
+
+
+def test_dft_scales_follow_the_formula_normalised_by_their_geometric_mean():
+    sig, abar, alpha = ddpm_sigmas()
+    t = torch.tensor([999, 700, 400, 100, 10])
+    g = dft_scales(sig, sig[t])
+    raw = abar[t].sqrt() * (1 - abar[t]).sqrt() / (1 - alpha[t])
+    assert torch.allclose(g.double(), raw / raw.log().mean().exp(), rtol=1e-4)
+    assert math.isclose(float(g.double().log().mean()), 0.0, abs_tol=1e-5)
+
+
+class Toy(nn.Module):
+    """A denoiser x̂0 = lin(x)/(1 + σ) + b: enough to tell the gradients apart."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 6)
+        self.b = nn.Parameter(torch.zeros(6))
+
+    def forward(self, x, s):
+        return self.lin(x.flatten(1)).view_as(x) / (1 + s) + self.b.view(1, 6)
+
+
+def test_adjusted_and_naive_chains_give_the_same_images_and_different_gradients():
+    toy = Toy()
+    noise = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.tensor([5.0, 2.0, 0.7, 0.0])
+    outs, grads = {}, {}
+    for mode in ("adjusted", "naive", None):
+        toy.zero_grad()
+        x = sample_chain(toy, noise, sigmas, mode, torch.ones(3) if mode == "adjusted" else None)
+        outs[mode] = x.detach()
+        if mode is not None:
+            x.pow(2).sum().backward()
+            grads[mode] = toy.lin.weight.grad.clone()
+        else:
+            assert not x.requires_grad
+    assert torch.equal(outs["adjusted"], outs["naive"]) and torch.equal(outs["naive"], outs[None])
+    assert not torch.allclose(grads["adjusted"], grads["naive"])
+    # the adjusted gradient by hand: sum over steps of the step's direct-path factor times ∂x̂0/∂W with x fixed
+    xs, x = [], noise * sigmas[0]
+    with torch.no_grad():
+        for i in range(3):
+            xs.append(x.clone())
+            x0 = toy(x, float(sigmas[i]))
+            x = x0 + float(sigmas[i + 1] / sigmas[i]) * (x - x0)
+    final = x
+    w = toy.lin.weight.detach().clone().requires_grad_(True)
+    total = 0
+    for i in range(3):
+        tail = math.prod(float(sigmas[j + 1] / sigmas[j]) for j in range(i + 1, 3))  # x_{i+1} -> final
+        x0 = (xs[i] @ w.T + toy.lin.bias.detach()) / (1 + float(sigmas[i])) + toy.b.detach()
+        total = total + (2 * final * (1 - float(sigmas[i + 1] / sigmas[i])) * tail * x0).sum()
+    total.backward()
+    assert torch.allclose(grads["adjusted"], w.grad, atol=1e-5)
+
+
+def test_lora_changes_nothing_untrained_and_merges_as_comfyui_does():
+    net = nn.Sequential()
+    net.add_module("attn", nn.Module())
+    net.attn.to_q = nn.Linear(8, 8)
+    net.attn.to_out = nn.Sequential(nn.Linear(8, 8))
+    net.attn.other = nn.Linear(8, 8)
+    layers = attention_linears(net)
+    assert sorted(layers) == ["attn.to_out.0", "attn.to_q"]
+    lora = LoRA(layers, rank=3, alpha=6.0).attach()
+    x = torch.randn(2, 8)
+    assert torch.equal(net.attn.to_q(x), x @ net.attn.to_q.weight.T + net.attn.to_q.bias)
+    with torch.no_grad():
+        lora.up[1].normal_()
+    sd = lora.comfy_state_dict()
+    assert sorted(sd) == sorted(f"lora_unet_attn_{n}.{k}" for n in ("to_q", "to_out_0")
+                                for k in ("lora_up.weight", "lora_down.weight", "alpha"))
+    merged = net.attn.to_q.weight + float(sd["lora_unet_attn_to_q.alpha"]) / 3 * (
+        sd["lora_unet_attn_to_q.lora_up.weight"] @ sd["lora_unet_attn_to_q.lora_down.weight"])
+    assert torch.allclose(net.attn.to_q(x), x @ merged.T + net.attn.to_q.bias, atol=1e-6)
+    lora.enabled = False
+    assert torch.equal(net.attn.to_q(x), x @ net.attn.to_q.weight.T + net.attn.to_q.bias)
+    lora.detach_hooks()
+    lora.enabled = True
+    assert torch.equal(net.attn.to_q(x), x @ net.attn.to_q.weight.T + net.attn.to_q.bias)
+
+
+def separable(n=240, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    z = torch.randn(n, 4, 4, 4, generator=g) * 0.5
+    z[:, 0] += (y.float() - 1)[:, None, None] * 2
+    return z, y
+
+
+def test_classifier_learns_saves_and_loads(tmp_path):
+    z, y = separable()
+    net = train_classifier(z, y, ["a", "b", "c"], epochs=15)
+    assert net.meta["held_out_accuracy"] >= 0.95
+    net.save(tmp_path / "c.safetensors")
+    back = LatentClassifier.load(tmp_path / "c.safetensors")
+    assert back.classes == ["a", "b", "c"] and torch.equal(back(z), net(z))
+
+
+class ToyUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.to_q = nn.Linear(16, 16)
+        self.to_v = nn.Linear(16, 16)
+
+    def forward(self, x, s, prompt):
+        h = x.flatten(1) + prompt
+        return (self.to_v(torch.tanh(self.to_q(h))) / (1 + s)).view_as(x)
+
+
+def toy_task(unet, lora, classifier):
+    prompts = [torch.zeros(16), torch.ones(16) * 0.1]
+
+    def denoiser(prompt, on):
+        def d(x, s):
+            lora.enabled = on
+            return unet(x, s, prompt)
+        return d
+    sig = torch.linspace(0.01, 10, 1000)
+    return FairLoRATask(denoiser=denoiser, sigmas=lambda n: torch.cat([torch.linspace(8, 0.2, n), torch.zeros(1)]),
+                        schedule_sigmas=sig, shape=(1, 4, 4), classify=classifier,
+                        target=torch.tensor([0.5, 0.5]), prompts=prompts[:1], keep=prompts[1:])
+
+
+@pytest.mark.parametrize("gradient", ["adjusted", "naive"])
+def test_checkpoints_resume_exactly(tmp_path, gradient):
+    torch.manual_seed(0)
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).requires_grad_(False)
+    config = FairLoRAConfig(iterations=4, batch=4, steps=(2, 3), rank=2, gradient=gradient, keep_prompts_per_step=1)
+
+    def fresh():
+        unet = ToyUNet()
+        lora = LoRA(attention_linears(unet, ("to_q", "to_v")), rank=2).attach()
+        return FairTrainer(toy_task(unet, lora, classifier), lora, config)
+
+    straight = fresh()
+    for _ in range(4):
+        straight.step()
+    first = fresh()
+    for _ in range(2):
+        first.step()
+    first.save_checkpoint(tmp_path / "ck.safetensors")
+    second = fresh()
+    second.load_checkpoint(tmp_path / "ck.safetensors")
+    assert second.iteration == 2 and len(second.log) == 2
+    for _ in range(2):
+        second.step()
+    assert all(torch.equal(a, b) for a, b in zip(straight.params, second.params))
+    assert all(torch.equal(a, b) for a, b in zip(straight.ema, second.ema))
+    assert [r["total"] for r in straight.log] == [r["total"] for r in second.log]
+    assert any(abs(r["grad_norm"]) > 0 for r in straight.log)
+    other = FairTrainer(toy_task(ToyUNet(), LoRA(attention_linears(ToyUNet(), ("to_q", "to_v")), rank=2), classifier),
+                        LoRA(attention_linears(ToyUNet(), ("to_q", "to_v")), rank=2),
+                        FairLoRAConfig(iterations=4, batch=4, steps=(2, 3), rank=2, lr=0.5))
+    with pytest.raises(ValueError, match="other settings .*lr"):
+        other.load_checkpoint(tmp_path / "ck.safetensors")
+
+
+def test_config_refuses_bad_settings():
+    for bad in (dict(draw="x"), dict(gradient="x"), dict(steps=(3, 2)), dict(batch=1), dict(lr=math.nan)):
+        with pytest.raises(ValueError):
+            FairLoRAConfig(**bad).check()

@@ -1,0 +1,126 @@
+"""SPELL Fair LoRA Trainer and the latent classifier on the demo model inside ComfyUI: the LoRA it writes is read
+by ComfyUI's stock LoraLoaderModelOnly (every key applied, the weights merged as the training saw them), the input
+MODEL is left as it was, Cancel keeps a checkpoint and resume continues it bit for bit, bad input names the node."""
+import json
+from pathlib import Path
+
+import comfy.model_management as mm
+import comfy.utils as comfy_utils
+import folder_paths
+import pytest
+import torch
+
+from helpers import sample
+
+TARGET = ", ".join(f"{d}: 0.1" for d in range(10))
+
+
+@pytest.fixture(scope="module")
+def demo(comfy):
+    nodes = comfy.NODE_CLASS_MAPPINGS
+    model, vae, prompts = nodes["SpellDemoModelLoader"]().load()
+    images, labels = nodes["SpellDemoDigitExamples"]().load(8)
+    clf = nodes["SpellLatentClassifierTrainer"]().train(model, vae, "(none)", "test_clf", 64, 64, 4, 0.2, 0, True,
+                                                        images, labels)["result"][0]
+    pos = nodes["SpellDemoClassPrompt"]().encode(prompts, "any digit")[0]
+    neg = nodes["SpellDemoClassPrompt"]().encode(prompts, "(empty)")[0]
+    return model, clf, pos, neg
+
+
+def train(comfy, demo, name, iterations=3, resume=False, every=2, **kw):
+    model, clf, pos, neg = demo
+    node = comfy.NODE_CLASS_MAPPINGS["SpellFairLoRATrainer"]()
+    args = dict(model=model, positive=pos, negative=neg, classifier=clf, target=TARGET, name=name,
+                iterations=iterations, batch_size=4, steps=1, cfg=4.0, rank=2, learning_rate=1e-3, seed=0,
+                resume=resume, checkpoint_every=every)
+    args.update(kw)
+    return node.train(**args)
+
+
+def test_classifier_trainer_saves_a_loadable_classifier(comfy, demo):
+    clf = demo[1]
+    assert clf.classes == [str(d) for d in range(10)] and clf.meta["held_out"] > 0
+    loader = comfy.NODE_CLASS_MAPPINGS["SpellLatentClassifierLoader"]
+    assert "test_clf.safetensors" in loader.INPUT_TYPES()["required"]["classifier_file"][0]
+    back = loader().load("test_clf.safetensors")["result"][0]
+    z = torch.randn(3, 4, 8, 8)
+    assert torch.equal(back(z), clf(z))
+
+
+def test_the_lora_is_read_by_stock_lora_loader_model_only_and_the_input_model_is_unchanged(comfy, demo):
+    model, clf, pos, neg = demo
+    before = sample(comfy, model, (pos, neg), 2)
+    out = train(comfy, demo, "test_fair")
+    patched, report, chart = out["result"]
+    assert "saved models/loras/test_fair.safetensors" in report and chart.shape[-1] == 3
+    lora_file = Path(folder_paths.get_folder_paths("loras")[0], "test_fair.safetensors")
+    log = json.loads(lora_file.with_name("test_fair.training.json").read_text())
+    rows = log["iterations"]  # row 0: the validation before training
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3] and "validation_bias" in rows[0] and "validation_bias" in rows[-1]
+    assert torch.equal(sample(comfy, model, (pos, neg), 2), before)  # hooks gone, weights untouched
+
+    loader = comfy.NODE_CLASS_MAPPINGS["LoraLoaderModelOnly"]
+    assert "test_fair.safetensors" in loader.INPUT_TYPES()["required"]["lora_name"][0]
+    stock = loader().load_lora_model_only(model, "test_fair.safetensors", 1.0)[0]
+    sd = comfy_utils.load_torch_file(str(lora_file))
+    paths = sorted(k[len("lora_unet_"):-len(".lora_up.weight")] for k in sd if k.endswith(".lora_up.weight"))
+    assert len(paths) > 0 and len(stock.patches) == len(paths)  # every LoRA key mapped onto a weight
+    net = model.model.diffusion_model
+    modules = {name.replace(".", "_"): (name, m) for name, m in net.named_modules()}
+    expected = {}
+    for key in paths:
+        name, m = modules[key]
+        up, down = sd[f"lora_unet_{key}.lora_up.weight"], sd[f"lora_unet_{key}.lora_down.weight"]
+        expected[name] = m.weight.detach().float() + float(sd[f"lora_unet_{key}.alpha"]) / down.shape[0] * up @ down
+    assert any(float((up := sd[k]).abs().max()) > 0 for k in sd if k.endswith("lora_up.weight"))  # it trained
+    mm.load_models_gpu([stock])
+    try:
+        for name, w in expected.items():
+            assert torch.allclose(stock.model.diffusion_model.get_submodule(name).weight.float(), w, atol=1e-6), name
+        with_lora = sample(comfy, stock, (pos, neg), 2)
+    finally:
+        mm.load_models_gpu([model])  # unpatched again
+    assert not torch.equal(with_lora, before)
+    assert torch.equal(sample(comfy, model, (pos, neg), 2), before)
+    # the trainer's own output MODEL is the same LoRA through ComfyUI's loader
+    assert torch.equal(sample(comfy, patched, (pos, neg), 2), with_lora)
+
+
+def test_cancel_keeps_a_checkpoint_and_resume_continues_bit_for_bit(comfy, demo):
+    straight = train(comfy, demo, "test_straight", iterations=4)
+    previous = comfy_utils.PROGRESS_BAR_HOOK
+
+    def cancel_at_two(value, total, preview, node_id=None):
+        if value == 2:
+            mm.interrupt_current_processing(True)
+
+    comfy_utils.set_progress_bar_global_hook(cancel_at_two)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            train(comfy, demo, "test_resumed", iterations=4)
+    finally:
+        mm.interrupt_current_processing(False)
+        comfy_utils.set_progress_bar_global_hook(previous)
+    loras = Path(folder_paths.get_folder_paths("loras")[0])
+    assert not (loras / "test_resumed.safetensors").exists()
+    ckpt = Path(folder_paths.get_user_directory(), "spell", "training", "test_resumed.safetensors")
+    assert ckpt.is_file()
+    resumed = train(comfy, demo, "test_resumed", iterations=4, resume=True)
+    assert "resumed at 2" in resumed["result"][1]
+    a = comfy_utils.load_torch_file(str(loras / "test_straight.safetensors"))
+    b = comfy_utils.load_torch_file(str(loras / "test_resumed.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="SpellFairLoRATrainer: .*other settings .*lr"):
+        train(comfy, demo, "test_resumed", iterations=6, resume=True, learning_rate=2e-3)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(target="1: 0.5, 2: 0.6"), "sum"),
+    (dict(target="cat: 1"), "cat"),
+    (dict(name="../x"), "name"),
+    (dict(cfg=float("nan")), "cfg must be a finite number"),
+])
+def test_bad_input_names_the_node(comfy, demo, change, message):
+    with pytest.raises(ValueError, match=f"SpellFairLoRATrainer: .*{message}"):
+        change = dict(change)
+        train(comfy, demo, change.pop("name", "test_bad"), **change)
