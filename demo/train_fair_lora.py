@@ -45,6 +45,18 @@ def main(argv=None) -> int:
     import folder_paths
     from PIL import Image
 
+    import comfy.utils as comfy_utils
+    from tqdm import tqdm
+
+    bars = {}
+
+    def show(value, total, preview, node_id=None):  # the nodes' ProgressBar, as a console bar per stage
+        bar = bars.get(total)
+        if bar is None:
+            bar = bars[total] = tqdm(total=total, desc="classifier" if not bars else "LoRA", dynamic_ncols=True)
+        bar.update(value - bar.n)
+
+    comfy_utils.set_progress_bar_global_hook(show)
     nodes = comfy.NODE_CLASS_MAPPINGS
     t0 = time.perf_counter()
     model, vae, prompts = nodes["SpellDemoModelLoader"]().load()

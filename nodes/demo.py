@@ -5,11 +5,14 @@ No sampling hook: the model goes into any KSampler like a checkpoint's MODEL.
 
 On import, a fresh ComfyUI's input folder gets the protected digits the ``spell_protected_set`` example loads
 (``input/spell_protected_digits/``, 24 PNGs), so every shipped template runs right after installing; a folder
-of that name that is already there is never touched.
+of that name that is already there is never touched. Likewise models/loras gets the demo's fair LoRA
+(``spell_demo_fair_digits.safetensors``, trained by ``python -m demo.train_fair_lora``) that the ``spell_fair_lora``
+example loads with ComfyUI's stock LoraLoaderModelOnly; a file of that name already there is never replaced.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import folder_paths
@@ -34,7 +37,24 @@ def fill_example_inputs() -> None:
         logging.info("SPELL: wrote the example workflows' protected digits to %s", written)
 
 
+DEMO_LORA = "spell_demo_fair_digits.safetensors"  # in models/loras; from demo/weights/demo_fair_digits.safetensors
+
+
+def fill_demo_lora() -> None:
+    source = WEIGHTS_DIR / "demo_fair_digits.safetensors"
+    try:
+        target = Path(folder_paths.get_folder_paths("loras")[0], DEMO_LORA)
+        if source.is_file() and not (target.exists() or target.is_symlink()):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            logging.info("SPELL: wrote the demo's fair LoRA to %s", target)
+    except OSError as e:
+        logging.warning("SPELL: could not write the demo's fair LoRA into models/loras (%s); the spell_fair_lora "
+                        "template needs models/loras/%s.", e, DEMO_LORA)
+
+
 fill_example_inputs()
+fill_demo_lora()
 
 
 def weight_files() -> list[str]:

@@ -78,6 +78,14 @@ GRAPHS = {
         13: ("SaveImage", {"filename_prefix": "spell_fairness"}, {"images": (12, 0)}),
         14: ("SpellFairnessReport", {}, {"model": (10, 0), "heads": (6, 0), "samples": (11, 0), "count": (7, 0)}),
     },
+    "spell_fair_lora": {
+        **COMMON,
+        5: ("LoraLoaderModelOnly", {"lora_name": "spell_demo_fair_digits.safetensors", "strength_model": 1.0},
+            {"model": (1, 0)}),
+        11: ("KSampler", SAMPLER, {"model": (5, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}),
+        12: ("VAEDecode", {}, {"samples": (11, 0), "vae": (1, 1)}),
+        13: ("SaveImage", {"filename_prefix": "spell_fair_lora"}, {"images": (12, 0)}),
+    },
 }
 
 
@@ -105,6 +113,12 @@ NOTES = {
         "demo digits; Distribution Guidance then steers the biased \"any digit\" batch toward a uniform share of "
         "the ten digits, and the running count keeps the target over many runs.\n\nSPELL Fairness Report compares "
         "the outputs' digits with the target; run it a few times and watch the running shares approach 10 %."),
+    "spell_fair_lora": (
+        "**SPELL fairness by finetuning: a fair LoRA.** ComfyUI's own LoraLoaderModelOnly loads the demo's fair "
+        "LoRA (models/loras/spell_demo_fair_digits.safetensors, trained by SPELL Fair LoRA Trainer with "
+        "`python -m demo.train_fair_lora`). Nothing else runs at sampling time: every image of \"any digit\" "
+        "is drawn from a model finetuned toward a uniform share of the ten digits, at any batch size.\n\nSet "
+        "strength_model to 0 and run again to see the base model's bias (many 1s and 7s)."),
 }
 NOTE_ID = 30
 PREVIEW_ID = {"SpellReport": 15, "SpellFairnessReport": 16}

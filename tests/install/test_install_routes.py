@@ -36,10 +36,12 @@ RUN_TIMEOUT_S = 300
 
 # comfy node pack must leave these out, and must keep these in (paths inside the archive).
 NOT_SHIPPED = ("tests/", "docs/", "benchmarks/", "scripts/", "tools/", ".ci/", "run/", ".venv/",
-               "requirements-dev.txt", "demo/train.py", "demo/weights/demo_evaluator.safetensors")
+               "requirements-dev.txt", "demo/train.py", "demo/train_fair_lora.py",
+               "demo/weights/demo_evaluator.safetensors")
 SHIPPED = ("__init__.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE",
            "demo/__init__.py", "demo/model.py", "demo/data.py", "demo/example_inputs.py",
-           "demo/weights/demo_model.safetensors", "demo/weights/demo_digits.safetensors")
+           "demo/weights/demo_model.safetensors", "demo/weights/demo_digits.safetensors",
+           "demo/weights/demo_fair_digits.safetensors")
 SHIPPED_TREES = ("nodes/", "spell_core/", "web/", "example_workflows/")  # every tracked file under these
 
 
