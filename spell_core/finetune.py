@@ -30,7 +30,6 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from itertools import combinations_with_replacement
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch

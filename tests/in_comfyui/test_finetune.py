@@ -87,7 +87,7 @@ def test_the_lora_is_read_by_stock_lora_loader_model_only_and_the_input_model_is
 
 
 def test_cancel_keeps_a_checkpoint_and_resume_continues_bit_for_bit(comfy, demo):
-    straight = train(comfy, demo, "test_straight", iterations=4)
+    train(comfy, demo, "test_straight", iterations=4)  # the run the resumed one must equal
     previous = comfy_utils.PROGRESS_BAR_HOOK
 
     def cancel_at_two(value, total, preview, node_id=None):
