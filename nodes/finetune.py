@@ -34,7 +34,7 @@ from ..spell_core.fairness import bias, parse_target
 from ..spell_core.finetune import (DRAWS, GRADIENTS, FairLoRAConfig, FairLoRATask, FairTrainer, LatentClassifier,
                                    LoRA, attention_linears, sample_chain, train_classifier, write_log)
 from ..spell_core.paths import PathRefused, contained
-from ..spell_core.storage import StorageError
+from ..spell_core.storage import StorageError, atomic_save
 from .common import SpellInputError, check_numbers, file_state, user_folder
 from .fairness import NONE, check_name, check_unet, class_folders, labelled_examples, ordered_classes
 from .report import image_batch
@@ -342,8 +342,6 @@ class SpellFairLoRATrainer:
         sd = trainer.ema_state_dict()
         meta = {"spell_fair_lora": json.dumps({"classes": classifier.classes, "target": q.tolist(),
                                                "iterations": trainer.iteration, "rank": rank})}
-        from ..spell_core.storage import atomic_save
-
         lora_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(sd, lora_path, meta)
         summary = self.summary(trainer, classifier.classes, q, resumed)

@@ -245,21 +245,25 @@ def kill_builds(folder: Path, tries: int = 6, seed: int = 0, rows: int = 16000, 
             "shape": "x".join(map(str, shape))}
 
 
+def together(spawner: Spawner, role: str, out: Path, reports: list[Path]) -> list[dict]:
+    """Forks one `role` worker per report at the same moment, waits for all; their results ({} if none)."""
+    pids = [spawner.fork(role, out, r) for r in reports]
+    for pid in pids:
+        gone(pid)
+    return [result(r) or {} for r in reports]
+
+
 def two_builders(folder: Path, rows: int = 12000, shard_size: int = 1000) -> dict:
     """Two processes build one folder at the same moment."""
     from spell_core.index import ReferenceIndex
 
     make_latents(folder, rows)
     spawner = Spawner(shard_size)
+    out = folder / "out"
     try:
-        out = folder / "out"
-        reports = [folder / "a.txt", folder / "b.txt"]
-        pids = [spawner.fork("build", out, r) for r in reports]
-        for pid in pids:
-            gone(pid)
+        results = together(spawner, "build", out, [folder / "a.txt", folder / "b.txt"])
     finally:
         spawner.close()
-    results = [result(r) or {} for r in reports]
     return {"whats": sorted(r.get("what", r.get("error", "?")) for r in results),
             "rows": len(ReferenceIndex.load(out, within=out)),
             "files": sorted(p.name for p in out.iterdir() if not p.name.startswith("shard-"))}
@@ -277,17 +281,12 @@ def two_encoders(folder: Path, images: int = 40) -> dict:
     for i in range(images):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / "images" / f"{i:03d}.png")
     spawner = Spawner(1)
+    cache = folder / "cache"
     try:
-        cache = folder / "cache"
-        reports = [folder / "a.txt", folder / "b.txt"]
-        pids = [spawner.fork("encode", cache, r) for r in reports]
-        for pid in pids:
-            gone(pid)
-        again = folder / "c.txt"  # a third encode: everything from the cache
-        gone(spawner.fork("encode", cache, again))
+        results = together(spawner, "encode", cache, [folder / "a.txt", folder / "b.txt"])
+        results += together(spawner, "encode", cache, [folder / "c.txt"])  # a third: everything from the cache
     finally:
         spawner.close()
-    results = [result(r) or {} for r in [*reports, again]]
     entries = sorted(cache.glob("*.safetensors"))
     whole = sum(1 for e in entries if load_latents(e)[0].shape == (1, 4, 8, 8))
     return {"results": results, "entries": len(entries), "whole": whole, "temporaries": temporaries(cache)}
