@@ -23,6 +23,7 @@ from ..spell_core.storage import StorageError
 from .common import SpellInputError, check_numbers
 
 HISTORY_KEY = "spell_history"
+BATCH_SCALE_DEFAULT = 1.1  # provisional (a 6-seed sweep on the demo); benchmarks/diversity_decide.py decides it
 
 
 class SpellRepellency:
@@ -65,6 +66,12 @@ class SpellRepellency:
                     "the shortest way out (counted in the report). Off: the push alone, as in the paper."}),
             },
             "optional": {
+                "batch_radius_scale": ("FLOAT", {"default": BATCH_SCALE_DEFAULT, "min": 0.0, "max": 4.0, "step": 0.05,
+                    "tooltip": "In-batch radius that adapts: the images of a batch repel each other within this "
+                    "multiple of the batch's own spacing (the median distance from each predicted result to its "
+                    "nearest other one, at each step, never growing within a run), so one value suits any "
+                    "prompt, model and resolution. Higher: more diverse, less faithful. 0: use the absolute radius "
+                    "r for the batch too (the paper's SPELL). The protected set and the memory always use r."}),
                 "references": ("SPELL_REFERENCES", {"tooltip": "Protected set: latents the outputs must stay away from."}),
                 "memory": ("SPELL_MEMORY", {"tooltip": "Batch memory: earlier outputs to repel from; this run's "
                                                        "final latents are appended to it."}),
@@ -72,9 +79,9 @@ class SpellRepellency:
         }
 
     def patch(self, model, radius, overcompensation, in_batch, start_percent, end_percent, enforce_shield,
-              references=None, memory=None):
+              references=None, memory=None, batch_radius_scale=BATCH_SCALE_DEFAULT):
         check_numbers(self.NODE_ID, radius=radius, overcompensation=overcompensation, start_percent=start_percent,
-                      end_percent=end_percent)
+                      end_percent=end_percent, batch_radius_scale=batch_radius_scale)
         if not radius > 0:
             raise SpellInputError(self.NODE_ID, f"radius must be > 0, got {radius}. To switch SPELL off, bypass the node.")
         if start_percent >= end_percent:
@@ -92,7 +99,8 @@ class SpellRepellency:
             base = guider.model_patcher.model
             sampling = guider.model_patcher.get_model_object("model_sampling")
             config = SpellConfig(radius, overcompensation, in_batch, float(sampling.percent_to_sigma(start_percent)),
-                                 float(sampling.percent_to_sigma(end_percent)), enforce_shield)
+                                 float(sampling.percent_to_sigma(end_percent)), enforce_shield,
+                                 batch_scale=batch_radius_scale)
             run = SpellRun(config, static_references(self.NODE_ID, base, noise.shape, references, memory), noise.shape)
             guider.model_options.setdefault("transformer_options", {})[key] = run
             complete = float(sigmas[-1]) == 0  # read first: uni_pc overwrites sigmas[-1] in place

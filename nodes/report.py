@@ -19,6 +19,9 @@ def describe(log, radius_note="") -> str:
         f"model calls {len(log.steps)}; push active in {100 * log.active_share():.1f}% of (call, image) pairs",
         f"outputs moved by the final shield enforcement: {log.enforced}",
     ]
+    batch_r = [s.batch_r for s in log.steps if s.batch_r == s.batch_r]  # NaN: in-batch repellency off
+    if batch_r and any(b != log.r for b in batch_r):
+        lines.append(f"in-batch radius (adaptive): {batch_r[0]:.3g} at the first model call, {batch_r[-1]:.3g} at the last")
     if log.n_static:
         lines.append("nearest static reference (RMS): " + ", ".join(f"{d:.3f}" if d != float("inf") else
                                                                      "beyond 4r" for d in near))

@@ -21,7 +21,10 @@ NEAREST_CAP = 4.0
 class SpellConfig:
     """r: shield radius (RMS, model space); lam: overcompensation λ; in_batch: off / mutual / ordered;
     sigma_start ≥ sigma_end: the push acts while sigma_end ≤ σ ≤ sigma_start; enforce: project final
-    outputs out of the static shield; margin: relative slack of that projection."""
+    outputs out of the static shield; margin: relative slack of that projection; batch_scale: 0 = the
+    images of a batch repel each other within r (the paper's SPELL), > 0 = within the batch radius
+    ``batch_radius`` (a multiple of the batch's own spacing) while r stays the radius of the protected set
+    and the memory."""
 
     r: float
     lam: float = 1.6
@@ -30,23 +33,27 @@ class SpellConfig:
     sigma_end: float = 0.0
     enforce: bool = True
     margin: float = 1e-4
+    batch_scale: float = 0.0
 
     def __post_init__(self):
         if not (self.r > 0 and math.isfinite(self.r)):
             raise ValueError(f"radius must be a finite number > 0, got {self.r}")
         if not (self.lam >= 0 and math.isfinite(self.lam)):
             raise ValueError(f"overcompensation must be a finite number ≥ 0, got {self.lam}")
+        if not (self.batch_scale >= 0 and math.isfinite(self.batch_scale)):
+            raise ValueError(f"batch radius scale must be a finite number ≥ 0, got {self.batch_scale}")
         if self.in_batch not in IN_BATCH_MODES:
             raise ValueError(f"in_batch must be one of {IN_BATCH_MODES}, got {self.in_batch!r}")
 
 
 @dataclass
 class StepRecord:
-    """One model call: σ, references pushing each image, ||Δ|| / ||x̂0 − x_t|| per image."""
+    """One model call: σ, references pushing each image, ||Δ|| / ||x̂0 − x_t|| per image, the in-batch radius."""
 
     sigma: float
     active_pairs: list[int]
     push_ratio: list[float]
+    batch_r: float = math.nan
 
 
 @dataclass
@@ -100,6 +107,7 @@ class SpellRun:
         self.sample_shape = tuple(sample_shape)
         self.shield = shield if shield is not None else Shield([])
         self.log = RunLog(batch=self.sample_shape[0], n_static=len(self.shield), r=config.r)
+        self.batch_r = math.inf  # the adaptive in-batch radius so far (never grows within a run)
 
     def active(self, sigma: float) -> bool:
         return self.config.sigma_end <= sigma <= self.config.sigma_start
@@ -121,14 +129,24 @@ class SpellRun:
         cfg = self.config
         delta, active = self.static_push(x0)
         mask = in_batch_mask(x0.shape[0], cfg.in_batch, x0.device)
+        r_b = math.nan
         if mask is not None:
-            d_b, a_b = repellency(x0, x0, cfg.r, cfg.lam, mask)
+            r_b = self.in_batch_radius(x0)
+            d_b, a_b = repellency(x0, x0, r_b, cfg.lam, mask)
             delta, active = delta + flat32(d_b), active + a_b
         score = flat32(x0 - x_t).norm(dim=1).clamp_min(1e-12)
-        self.log.steps.append(StepRecord(s, active.tolist(), (delta.norm(dim=1) / score).tolist()))
+        self.log.steps.append(StepRecord(s, active.tolist(), (delta.norm(dim=1) / score).tolist(), r_b))
         if not bool(active.any()):
             return x0
         return x0 + delta.reshape(x0.shape).to(x0.dtype)
+
+    def in_batch_radius(self, x0: torch.Tensor) -> float:
+        """The radius within which the images of the batch repel each other at this model call: r, or with
+        batch_scale > 0 ``batch_radius(x0, batch_scale)`` capped by its value at the run's earlier calls."""
+        if self.config.batch_scale == 0:
+            return self.config.r
+        self.batch_r = min(self.batch_r, batch_radius(x0, self.config.batch_scale))
+        return self.batch_r
 
     def finish(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final outputs [B, ...] (model space) -> (outputs, moved [B] bool): rows closer than r to a static
@@ -143,6 +161,19 @@ class SpellRun:
         self.log.nearest_batch = nearest(x, x, ~torch.eye(b, dtype=torch.bool, device=x.device)).tolist()
         self.log.finished = True
         return x, moved
+
+
+def batch_radius(x0: torch.Tensor, scale: float) -> float:
+    """scale × the median over the batch of each x̂0's RMS distance to its nearest other x̂0 [B, ...].
+
+    The batch's own spacing, so one scale suits a spread-out prompt and a tight one, any model and any
+    resolution. SpellRun holds it non-increasing over a run: the spacing grows as the push spreads the batch,
+    and a radius that followed it would push harder at every call (measured: it runs away above scale ≈ 1.1,
+    docs/diversity_decide.md). Batches of one image have no spacing (0: no push)."""
+    b = x0.shape[0]
+    if b < 2:
+        return 0.0
+    return scale * float(nearest(x0, x0, ~torch.eye(b, dtype=torch.bool, device=x0.device)).median())
 
 
 class RunHistory:

@@ -10,9 +10,12 @@ def sample(comfy, model, conds, batch, seed=7, steps=4, sampler="euler", schedul
     return comfy.common_ksampler(model, seed, steps, cfg, sampler, scheduler, pos, neg, latent)[0]["samples"]
 
 
-def spell(comfy, model, radius, lam=1.6, in_batch="off", start=0.0, end=1.0, enforce=True, references=None, memory=None):
+def spell(comfy, model, radius, lam=1.6, in_batch="off", start=0.0, end=1.0, enforce=True, references=None, memory=None,
+          batch_scale=0.0):
+    """SpellRepellency's patch; batch_scale 0 by default: the in-batch push within the absolute r (the paper's)."""
     node = comfy.NODE_CLASS_MAPPINGS["SpellRepellency"]()
-    return node.patch(model, radius, lam, in_batch, start, end, enforce, references=references, memory=memory)[0]
+    return node.patch(model, radius, lam, in_batch, start, end, enforce, references=references, memory=memory,
+                      batch_radius_scale=batch_scale)[0]
 
 
 def protected(comfy, latents):

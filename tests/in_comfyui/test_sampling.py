@@ -158,3 +158,24 @@ def test_large_protected_sets_go_through_the_exact_index(comfy, toy_models, cond
         out = sample(comfy, patched, conds, 4, sampler="dpmpp_2m")
         assert refs_in.search_index() is not None and last_log(patched).n_static == len(big)
         assert (nearest64(model, out, big.latents) >= r).all()
+
+
+def test_adaptive_batch_radius_by_default(comfy):
+    """The node's default in-batch radius (batch_radius_scale > 0) through ComfyUI's KSampler on the demo model:
+    the batch ends more spread out than without SPELL, the radius shrinks with the batch's spacing over the run,
+    and the report states it."""
+    model, _, _ = comfy.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]().load()
+    enc = comfy.NODE_CLASS_MAPPINGS["SpellDemoClassPrompt"]()
+    prompts = comfy.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]().load()[2]
+    pos, neg = enc.encode(prompts, "3")[0], enc.encode(prompts, "(empty)")[0]
+    node = comfy.NODE_CLASS_MAPPINGS["SpellRepellency"]()
+    patched = node.patch(model, 0.5, 1.6, "mutual", 0.0, 1.0, True)[0]  # batch_radius_scale left at its default
+    base = model_space(model, sample(comfy, model, (pos, neg), 8, steps=20))
+    out = model_space(model, sample(comfy, patched, (pos, neg), 8, steps=20))
+    mask = ~torch.eye(8, dtype=torch.bool)
+    assert nearest(out, out, mask).median() > nearest(base, base, mask).median()
+    radii = [s.batch_r for s in last_log(patched).steps]
+    assert radii == sorted(radii, reverse=True) and radii[-1] < radii[0] / 2
+    assert max(radii[-1], radii[0]) != 0.5  # not the absolute radius
+    report = comfy.NODE_CLASS_MAPPINGS["SpellReport"]().report(patched, {"samples": out})["result"][0]
+    assert "in-batch radius (adaptive)" in report
