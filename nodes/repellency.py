@@ -23,6 +23,9 @@ from ..spell_core.storage import StorageError
 from .common import SpellInputError, check_numbers
 
 HISTORY_KEY = "spell_history"
+# Static references are searched at r·(1 + SHIELD_REUSE) and the result reused until an image's x̂0 has moved
+# r·SHIELD_REUSE (spell_core.shield.StepReuse: exact); chosen by benchmarks/shield_e2e.py (docs/shield_e2e.md).
+SHIELD_REUSE = 0.5
 BATCH_SCALE_DEFAULT = 1.1  # provisional (a 6-seed sweep on the demo); benchmarks/diversity_decide.py decides it
 
 
@@ -79,7 +82,9 @@ class SpellRepellency:
         }
 
     def patch(self, model, radius, overcompensation, in_batch, start_percent, end_percent, enforce_shield,
-              references=None, memory=None, batch_radius_scale=BATCH_SCALE_DEFAULT):
+              references=None, memory=None, batch_radius_scale=BATCH_SCALE_DEFAULT, *, shield_reuse=SHIELD_REUSE):
+        """``shield_reuse`` (not a widget; for scripts and benchmarks): 0 searches the static references at
+        every model call."""
         check_numbers(self.NODE_ID, radius=radius, overcompensation=overcompensation, start_percent=start_percent,
                       end_percent=end_percent, batch_radius_scale=batch_radius_scale)
         if not radius > 0:
@@ -100,7 +105,7 @@ class SpellRepellency:
             sampling = guider.model_patcher.get_model_object("model_sampling")
             config = SpellConfig(radius, overcompensation, in_batch, float(sampling.percent_to_sigma(start_percent)),
                                  float(sampling.percent_to_sigma(end_percent)), enforce_shield,
-                                 batch_scale=batch_radius_scale)
+                                 batch_scale=batch_radius_scale, reuse=shield_reuse)
             run = SpellRun(config, static_references(self.NODE_ID, base, noise.shape, references, memory), noise.shape)
             guider.model_options.setdefault("transformer_options", {})[key] = run
             complete = float(sigmas[-1]) == 0  # read first: uni_pc overwrites sigmas[-1] in place

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .repellency import IN_BATCH_MODES, flat32, in_batch_mask, nearest, repellency, repellency_weights, sparse_push
-from .shield import Shield
+from .shield import Shield, StepReuse
 
 # The report lists nearest static references up to this many radii away (a range search, not a k-NN).
 NEAREST_CAP = 4.0
@@ -24,7 +24,8 @@ class SpellConfig:
     outputs out of the static shield; margin: relative slack of that projection; batch_scale: 0 = the
     images of a batch repel each other within r (the paper's SPELL), > 0 = within the batch radius
     ``batch_radius`` (a multiple of the batch's own spacing) while r stays the radius of the protected set
-    and the memory."""
+    and the memory; reuse: 0 = search the static references at every model call, > 0 = reuse one search at
+    r·(1 + reuse) until an image's x̂0 has moved r·reuse (``shield.StepReuse``; exact)."""
 
     r: float
     lam: float = 1.6
@@ -34,12 +35,15 @@ class SpellConfig:
     enforce: bool = True
     margin: float = 1e-4
     batch_scale: float = 0.0
+    reuse: float = 0.0
 
     def __post_init__(self):
         if not (self.r > 0 and math.isfinite(self.r)):
             raise ValueError(f"radius must be a finite number > 0, got {self.r}")
         if not (self.lam >= 0 and math.isfinite(self.lam)):
             raise ValueError(f"overcompensation must be a finite number ≥ 0, got {self.lam}")
+        if not (self.reuse >= 0 and math.isfinite(self.reuse)):
+            raise ValueError(f"reuse must be a finite number ≥ 0, got {self.reuse}")
         if not (self.batch_scale >= 0 and math.isfinite(self.batch_scale)):
             raise ValueError(f"batch radius scale must be a finite number ≥ 0, got {self.batch_scale}")
         if self.in_batch not in IN_BATCH_MODES:
@@ -65,6 +69,8 @@ class RunLog:
     r: float = math.nan
     steps: list[StepRecord] = field(default_factory=list)
     enforced: int = 0
+    shield_searched_rows: int = 0  # (model call, image) pairs that searched the static references
+    shield_reused_rows: int = 0  # ... that reused an earlier search (StepReuse)
     nearest_batch: list[float] = field(default_factory=list)
     finished: bool = False
     _nearest_static: list[float] | None = field(default=None, repr=False)
@@ -108,6 +114,7 @@ class SpellRun:
         self.shield = shield if shield is not None else Shield([])
         self.log = RunLog(batch=self.sample_shape[0], n_static=len(self.shield), r=config.r)
         self.batch_r = math.inf  # the adaptive in-batch radius so far (never grows within a run)
+        self.reuse = StepReuse(self.shield, config.r * config.reuse) if config.reuse > 0 and len(self.shield) else None
 
     def active(self, sigma: float) -> bool:
         return self.config.sigma_end <= sigma <= self.config.sigma_start
@@ -115,9 +122,12 @@ class SpellRun:
     def static_push(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """λ Σ_k relu(r/d − 1)(x̂0 − z_k) over the references found within r -> (Δ [B, D], active [B])."""
         xf = flat32(x0)
-        i, k, d = self.shield.range_search(x0, self.config.r)
+        if self.reuse is not None:
+            i, k, d, z = self.reuse.pairs(x0, self.config.r)
+        else:
+            i, k, d = self.shield.range_search(x0, self.config.r)
+            z = self.shield.get(k, x0.device)
         w = repellency_weights(d, self.config.r)
-        z = self.shield.get(k, x0.device)
         delta = sparse_push(xf, z, i, torch.arange(len(k), device=x0.device), w) * self.config.lam
         return delta, torch.bincount(i, minlength=x0.shape[0])
 
@@ -155,6 +165,8 @@ class SpellRun:
         if self.config.enforce and len(self.shield):
             x, moved = self.shield.project_out(x, self.config.r, self.config.margin)
         self.log.enforced = int(moved.sum())
+        if self.reuse is not None:
+            self.log.shield_searched_rows, self.log.shield_reused_rows = self.reuse.searched_rows, self.reuse.reused_rows
         final, shield, cap = x.detach().clone(), self.shield, NEAREST_CAP * self.config.r
         self.log._nearest_fn = lambda: shield.nearest(final, cap)
         b = x.shape[0]

@@ -148,6 +148,64 @@ class Shield:
         return out.reshape(x.shape).to(x.dtype), moved
 
 
+class StepReuse:
+    """Range searches at r that reuse one search at r + δ across model calls, exactly.
+
+    Between consecutive model calls an image's x̂0 moves a little. One search at r + δ from an anchor x_a finds
+    every reference that can come within r of any x with ||x − x_a|| ≤ δ (RMS; triangle inequality:
+    d(x_a, z) ≤ d(x, z) + ||x − x_a|| < r + δ), so until the image has moved δ from its anchor its candidates
+    are rechecked exactly and the (large) shield is not searched again. Rows with more than ``max_candidates``
+    candidates are not kept (searched at every call) so the cache stays small.
+    """
+
+    def __init__(self, shield: "Shield", delta: float, max_candidates: int = 4096):
+        if not (delta > 0 and math.isfinite(delta)):
+            raise ValueError(f"reuse distance δ must be a finite number > 0, got {delta}")
+        self.shield, self.delta, self.max_candidates = shield, float(delta), max_candidates
+        self.anchor: torch.Tensor | None = None
+        self.r = None
+        self.kept: list = []  # per row: (k [P], z [P, D]) or None (not kept)
+        self.searched_rows = 0
+        self.reused_rows = 0
+
+    def pairs(self, x: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every (image i, reference k, RMS distance d < r, reference row z [P, D]) for x [B, ...]."""
+        xf = flat32(x)
+        b = xf.shape[0]
+        if self.anchor is None or self.anchor.shape != xf.shape or self.r != r:
+            self.anchor, self.r, self.kept = xf.clone(), r, [None] * b
+            stale = torch.ones(b, dtype=torch.bool, device=x.device)
+        else:
+            moved = (xf - self.anchor).pow(2).mean(1).sqrt()
+            stale = (moved > self.delta) | torch.tensor([c is None for c in self.kept], device=x.device)
+        rows = torch.nonzero(stale).flatten()
+        self.searched_rows += len(rows)
+        self.reused_rows += b - len(rows)
+        current = list(self.kept)  # per row: the candidates this call checks
+        if len(rows):
+            # (1 + 1e-5): float32 distances are rounded (~1e-7 relative); the bound must hold for the true ones
+            i, k, _ = self.shield.range_search(x[rows], (r + self.delta) * (1 + 1e-5))
+            z = self.shield.get(k, x.device)
+            for j, row in enumerate(rows.tolist()):
+                sel = i == j
+                current[row] = (k[sel], z[sel])
+                self.kept[row] = current[row] if int(sel.sum()) <= self.max_candidates else None
+                self.anchor[row] = xf[row]
+        out_i, out_k, out_d, out_z = [], [], [], []
+        for row, (k, z) in enumerate(current):
+            if len(k):
+                d = rms_cdist(xf[row:row + 1], z)[0]
+                keep = d < r
+                out_i.append(torch.full((int(keep.sum()),), row, dtype=torch.long, device=x.device))
+                out_k.append(k[keep])
+                out_d.append(d[keep])
+                out_z.append(z[keep])
+        if not out_i:
+            e = torch.zeros(0, dtype=torch.long, device=x.device)
+            return e, e, torch.zeros(0, device=x.device), torch.zeros(0, xf.shape[1], device=x.device)
+        return torch.cat(out_i), torch.cat(out_k), torch.cat(out_d), torch.cat(out_z)
+
+
 def scalar_affine(fn, item_shape: tuple) -> tuple[float, float] | None:
     """(scale, shift) when fn(v) == scale · v + shift elementwise with scalars (probed on 0 and 1), else None."""
     zero = torch.zeros((1,) + tuple(item_shape))

@@ -72,3 +72,62 @@ def test_nearest_grows_its_radius_only_as_far_as_each_row_needs():
         shield.range_search = lambda x, r: (radii.append((len(x), r)), search(x, r))[1]
         torch.testing.assert_close(shield.nearest(far, cap), want)
         assert radii[0] == (6, 0.25 * cap) and radii[-1][0] < 6
+
+
+# ------------------------------------------------------------------------------------- reuse across steps
+def walk(seed, b, shape, steps, step_sizes):
+    """A batch moving like x̂0 over a run: big moves first, small ones later, sometimes a jump."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((b,) + shape, generator=g)
+    out = []
+    for s in range(steps):
+        x = x + torch.randn(x.shape, generator=g) * step_sizes[s % len(step_sizes)]
+        out.append(x.clone())
+    return out
+
+
+def pair_set(i, k):
+    return sorted(zip(i.tolist(), k.tolist()))
+
+
+@pytest.mark.parametrize("use_index", [False, True])
+@pytest.mark.parametrize("delta_frac,max_candidates", [(0.25, 4096), (1.0, 4096), (0.5, 3)])
+def test_step_reuse_misses_nothing(use_index, delta_frac, max_candidates):
+    """At every call the reused search returns exactly the brute force's pairs (0 misses, 0 extra), while
+    searching the shield for fewer rows than it answers."""
+    from spell_core.index import ReferenceIndex
+    from spell_core.shield import StepReuse
+
+    shape, r = (4, 3, 3), 1.05
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn((3000,) + shape, generator=g)
+    part = IndexPart(ReferenceIndex.build(z, backend="clusters", dim=6), 1.0, 0.0) if use_index else TensorPart(z)
+    shield, brute = Shield([part]), Shield([TensorPart(z)])
+    reuse = StepReuse(shield, delta_frac * r, max_candidates=max_candidates)
+    for x in walk(1, 6, shape, 30, [0.3, 0.02, 0.02, 0.05, 0.01]):
+        i, k, d, zr = reuse.pairs(x, r)
+        bi, bk, bd = brute.range_search(x, r)
+        assert pair_set(i, k) == pair_set(bi, bk)
+        assert len(bi) > 0
+        assert torch.equal(zr, brute.get(k, x.device))
+        o, bo = torch.argsort(i * 10**6 + k), torch.argsort(bi * 10**6 + bk)
+        assert torch.allclose(d[o], bd[bo], rtol=1e-6)
+    assert reuse.searched_rows + reuse.reused_rows == 6 * 30
+    if max_candidates == 3:  # rows with more candidates are not kept: searched again at the next call
+        assert reuse.searched_rows > 6 * 30 / 2
+    else:
+        assert reuse.reused_rows > 6 * 30 / 3
+
+
+def test_step_reuse_in_a_run_pushes_as_a_fresh_search():
+    """SpellRun with reuse > 0 pushes the same images by the same amounts as without it, at every call."""
+    from spell_core import SpellConfig, SpellRun
+
+    shape = (4, 3, 3)
+    z = torch.randn((500,) + shape, generator=torch.Generator().manual_seed(2))
+    runs = [SpellRun(SpellConfig(r=1.0, in_batch="off", reuse=f), Shield([TensorPart(z)]), (5,) + shape) for f in (0, 0.5)]
+    for n, x in enumerate(walk(3, 5, shape, 20, [0.2, 0.03])):
+        a, b = (run.step(x, torch.zeros_like(x), torch.tensor([20.0 - n])) for run in runs)
+        assert torch.allclose(a, b, atol=1e-6)
+        assert runs[0].log.steps[-1].active_pairs == runs[1].log.steps[-1].active_pairs
+    assert runs[1].reuse.reused_rows > 0
