@@ -3,7 +3,7 @@ mappings, the route both ComfyUI 0.3.75 and the newest upstream load. Node ids (
 once workflows are shared."""
 import importlib
 
-MODULES = ("repellency", "peers", "references", "memory", "report", "demo", "fairness", "finetune")
+MODULES = ("repellency", "peers", "references", "memory", "report", "demo", "fairness", "finetune", "calibration")
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -413,3 +413,72 @@ def training_chart(rows: list[dict], title: str = "SPELL Fair LoRA Trainer", sub
     c.legend(x0, y0 - 26, [("total loss", REFERENCE, "line"), ("alignment loss", PEER, "line"),
                            ("validation bias", PUSH_SIZE, "line")], size=13)
     return c.array()
+
+
+HIST_BOX = (78, 100, 740, 440)  # shield calibration: histograms of near-copy and distinct distances
+DISTINCT_FILL = (253, 214, 170)  # distinct images' bars (a light orange, under the near-copies' bars)
+BALANCE = PUSH_SIZE  # the line where the two error rates balance (purple)
+
+
+def calibration_chart(copy_distances, distinct_distances, r: float, balanced: float | None = None,
+                      title: str = "SPELL Shield Calibration", subtitle: str = "", bins: int = 40) -> np.ndarray:
+    """Two overlaid histograms [HEIGHT, WIDTH, 3] uint8 over the same bins: the RMS distance of each near-copy to
+    its source (blue bars) and of each distinct image to its nearest protected image (light orange bars under them,
+    their outline in orange on top), each as a share of its own count; the shield band below r with a dashed line at
+    r, and a dashed purple line at the balanced r when given."""
+    c = Canvas()
+    c.title(title, subtitle)
+    box = HIST_BOX
+    x0, y0, x1, y1 = box
+    near = np.asarray([float(d) for d in copy_distances], dtype=np.float64)
+    far = np.asarray([float(d) for d in distinct_distances], dtype=np.float64)
+    finite = np.concatenate([near, far])
+    finite = finite[np.isfinite(finite)]
+    xtop, xticks = nice_ticks(max(float(finite.max()) if finite.size else 0.0, r, balanced or 0.0) * 1.05)
+    edges = np.linspace(0.0, xtop, bins + 1)
+
+    def shares(d):
+        d = d[np.isfinite(d)]
+        counts = np.histogram(np.clip(d, 0, xtop), edges)[0]
+        return counts / max(len(d), 1)
+
+    near_h, far_h = shares(near), shares(far)
+    top, ticks = nice_ticks(max(float(near_h.max(initial=0)), float(far_h.max(initial=0))) * 1.08 or 1.0)
+
+    def x_of(v):
+        return x0 + (x1 - x0) * min(max(v / xtop, 0.0), 1.0)
+
+    c.rect(x0 + 1, y0, x_of(r), y1 - 1, SHIELD)
+    c.y_axis(box, top, ticks, "share of its group per bin", percent=True)
+    for k in range(bins):
+        a, b = x_of(edges[k]) + 1, x_of(edges[k + 1]) - 1
+        if far_h[k] > 0:
+            c.rect(a, value_y(box, top, far_h[k]), b, y1 - 1, DISTINCT_FILL)
+        if near_h[k] > 0:
+            c.rect(a, value_y(box, top, near_h[k]), b, y1 - 1, REFERENCE)
+    heights = [value_y(box, top, h) if h > 0 else y1 for h in far_h]
+    for k in range(bins + 1):  # the distinct histogram's outline, drawn over both fills (none along the axis)
+        left, right = (heights[k - 1] if k else y1), (heights[k] if k < bins else y1)
+        if left != right:
+            c.draw.line([(x_of(edges[k]), left), (x_of(edges[k]), right)], fill=PEER, width=2)
+        if k < bins and far_h[k] > 0:
+            c.draw.line([(x_of(edges[k]), heights[k]), (x_of(edges[k + 1]), heights[k])], fill=PEER, width=2)
+    for value, colour, label in ((r, RADIUS, f"r = {r:.3g}"), (balanced, BALANCE, f"balance {balanced or 0:.3g}")):
+        if value is None:
+            continue
+        x = round(x_of(value))
+        y = y0
+        while y < y1:
+            c.draw.line([(x, y), (x, min(y + 6, y1))], fill=colour, width=2)
+            y += 12
+        c.text((x + 4, y0 + (2 if colour == RADIUS else 18)), label, size=12, fill=colour)
+    c.frame(box)
+    for t in xticks:
+        c.draw.line([(round(x_of(t)), y1), (round(x_of(t)), y1 + 4)], fill=AXIS)
+        c.text((x_of(t), y1 + 6), tick_label(t, xticks[1] - xticks[0]), size=11, anchor="ma")
+    c.text(((x0 + x1) / 2, y1 + 24), "RMS distance in the model's latent space", size=12, anchor="ma")
+    entries = [(f"near-copies to their source ({len(near)})", REFERENCE, "box"),
+               (f"distinct images to the nearest protected image ({len(far)})", PEER, "line"),
+               ("shield r", RADIUS, "band")]
+    c.legend(x0 - 40, y0 - 26, entries, size=12)
+    return c.array()

@@ -1,0 +1,94 @@
+"""SpellShieldCalibration: measures which shield radius r catches near-copies of the protected images and leaves
+distinct images alone (``spell_core.calibration``). No sampling hook: the node encodes images with the connected
+VAE and the model's latent format (``model.model.process_latent_in``, the space SpellRepellency's r lives in),
+and returns the suggested r as a FLOAT for SpellRepellency's radius input, the report and a histogram."""
+from __future__ import annotations
+
+import comfy.model_management
+
+from ..spell_core.calibration import KINDS, calibrate_images
+from .common import SpellInputError
+from .report import image_batch
+
+MIN_COPIES = 20  # near-copies in all: fewer and the 95 % quantile is the largest distance
+
+
+class SpellShieldCalibration:
+    NODE_ID = "SpellShieldCalibration"
+    DISPLAY_NAME = "SPELL Shield Calibration"
+    CATEGORY = "SPELL"
+    DESCRIPTION = (
+        "Finds the shield radius r for SPELL Sparse Repellency: makes near-copies of the protected images (crop and "
+        "resize back, small shifts, a mirror image, JPEG re-compression, colour changes), encodes everything with "
+        "the VAE into the model's latent space, and suggests the smallest r that holds 95% of the near-copies, with "
+        "the share of distinct images (other protected images, or the images you connect) that r would also catch. "
+        "Connect the images at the size you generate at; wire the radius output into SPELL Sparse Repellency's "
+        "radius (converted to an input). It does not sample."
+    )
+    RETURN_TYPES = ("IMAGE", "STRING", "FLOAT")
+    RETURN_NAMES = ("histogram", "report", "radius")
+    OUTPUT_TOOLTIPS = (
+        "Histograms of the distances (near-copy to its source, distinct image to the nearest protected image) with "
+        "the suggested r, 768x512; connect it to Preview Image.",
+        "The report as text (also shown on the node): r, coverage, false positives, per-kind coverage.",
+        "The suggested shield radius r (RMS, the model's latent space), for SPELL Sparse Repellency's radius.",
+    )
+    FUNCTION = "calibrate"
+    OUTPUT_NODE = True
+    SEARCH_ALIASES = ["SPELL", "shield", "radius", "calibration", "near-copy", "protected"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model you sample with: its latent format defines the space "
+                                               "SPELL's radius is measured in."}),
+                "vae": ("VAE", {"tooltip": "The VAE of that model."}),
+                "images": ("IMAGE", {"tooltip": "The protected images (or a sample of them), at the size you "
+                                                "generate at; at least 2 when no distinct images are connected."}),
+                "copies_per_image": ("INT", {"default": 10, "min": 1, "max": 200, "tooltip":
+                    "Near-copies made of each image, the kinds taken in turn; at least 20 near-copies in all. More "
+                    "gives a steadier r and takes longer (one VAE encode each)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip":
+                    "Seed of the near-copies' random crops, shifts, JPEG qualities and colour changes."}),
+                "flip": ("BOOLEAN", {"default": True, "tooltip":
+                    "Count mirror images as copies. Switch off for text, digits, logos and anything whose mirror "
+                    "image is a different picture."}),
+            },
+            "optional": {
+                "distinct_images": ("IMAGE", {"tooltip":
+                    "Images that must NOT count as copies (other artwork, a held-out set), the same size as the "
+                    "protected images. Not connected: each protected image against its nearest other one."}),
+            },
+        }
+
+    def calibrate(self, model, vae, images, copies_per_image, seed, flip, distinct_images=None):
+        self.check(images, copies_per_image, distinct_images)
+
+        def encode(pixels):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            return model.model.process_latent_in(vae.encode(pixels).float())
+
+        kinds = KINDS if flip else tuple(k for k in KINDS if k != "flip")
+        result = calibrate_images(images, encode, copies_per_image, seed, kinds, distinct_images)
+        text = result.text()
+        return {"ui": {"text": [text]}, "result": (image_batch([result.chart()]), text, result.radius)}
+
+    def check(self, images, copies_per_image, distinct_images):
+        n = images.shape[0]
+        if distinct_images is None and n < 2:
+            raise SpellInputError(self.NODE_ID, f"got {n} image; without distinct_images each protected image is "
+                                                f"compared with its nearest other one: connect at least 2 images, or "
+                                                f"connect distinct_images.")
+        if n * copies_per_image < MIN_COPIES:
+            raise SpellInputError(self.NODE_ID, f"{n} images x {copies_per_image} copies = {n * copies_per_image} "
+                                                f"near-copies, too few to place a 95% quantile; raise copies_per_image "
+                                                f"to at least {-(-MIN_COPIES // n)}.")
+        if distinct_images is not None and tuple(distinct_images.shape[1:3]) != tuple(images.shape[1:3]):
+            (h, w), (dh, dw) = images.shape[1:3], distinct_images.shape[1:3]
+            raise SpellInputError(self.NODE_ID, f"distinct_images are {dw}x{dh} but the protected images {w}x{h}; "
+                                                f"resize them to {w}x{h} (e.g. Upscale Image) so both encode to "
+                                                f"latents of one shape.")
+
+
+NODES = [SpellShieldCalibration]

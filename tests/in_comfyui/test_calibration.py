@@ -1,0 +1,90 @@
+"""SPELL Shield Calibration (nodes/calibration.py) inside ComfyUI: a graph run by ComfyUI's executor on the demo
+model and VAE whose suggested radius is wired into SPELL Sparse Repellency's radius input, and the node's refusals
+of inputs it cannot measure."""
+import pytest
+import torch
+
+from helpers import model_space
+
+
+def demo_graph():
+    """Baseline: KSampler on the demo model (prompt "1", batch 4, 4 steps), decoded; those images are the protected
+    set and are calibrated (5 near-copies each, no mirror images); SPELL, with the suggested radius linked into its radius
+    input, samples the same seed again (SPELL Report, an output node, makes it run)."""
+    sampler = {"seed": 5, "steps": 4, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
+               "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}
+    return {
+        "1": {"class_type": "SpellDemoModelLoader", "inputs": {}},
+        "2": {"class_type": "SpellDemoClassPrompt", "inputs": {"prompts": ["1", 2], "prompt": "1"}},
+        "3": {"class_type": "SpellDemoClassPrompt", "inputs": {"prompts": ["1", 2], "prompt": "(empty)"}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], **sampler}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 1]}},
+        "7": {"class_type": "SpellShieldCalibration", "inputs": {
+            "model": ["1", 0], "vae": ["1", 1], "images": ["6", 0], "copies_per_image": 5, "seed": 0,
+            "flip": False}},
+        "8": {"class_type": "SpellProtectedSetLoader", "inputs": {
+            "folder": "(none)", "set_file": "(none)", "width": 64, "height": 64, "resize": "center crop",
+            "vae": ["1", 1], "images": ["6", 0]}},
+        "9": {"class_type": "SpellRepellency", "inputs": {
+            "model": ["1", 0], "radius": ["7", 2], "overcompensation": 1.6, "in_batch": "off", "start_percent": 0.0,
+            "end_percent": 1.0, "enforce_shield": True, "batch_radius_scale": 0.0, "references": ["8", 0]}},
+        "10": {"class_type": "KSampler", "inputs": {"model": ["9", 0], **sampler}},
+        "11": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
+        "12": {"class_type": "SpellReport", "inputs": {"model": ["9", 0], "samples": ["10", 0]}},  # runs node 10
+    }
+
+
+def test_suggested_radius_wired_into_spell_shields_the_copies(comfy, executor):
+    """The graph runs; the report is UI text and equals the STRING output; the histogram is one 768x512 IMAGE;
+    the radius FLOAT is accepted by SpellRepellency. Unpatched, the same seed reproduces the protected images
+    (nearest protected latent well inside r: copies); with SPELL at the suggested r every output lies at least r
+    from every protected latent, farther than 95 % of the near-copies lie from their source."""
+    result = executor.run(demo_graph())
+    assert result.success, result.error
+    chart, report, radius = result.outputs["7"]
+    assert result.ui["7"]["text"][0] == report and report.startswith(f"suggested shield radius r = {radius:.3g}")
+    assert "near-copies inside r:" in report and "flip" not in report and "crop:" in report
+    assert isinstance(radius, float) and 0 < radius < 10
+    assert tuple(chart.shape) == (1, 512, 768, 3) and chart.dtype == torch.float32
+    model = comfy.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]().load()[0]
+    pixels = result.outputs["6"][0]
+    protected = model_space(model, comfy.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]().load()[1].encode(pixels))
+    base, shielded = (model_space(model, result.outputs[k][0]["samples"]).flatten(1) for k in ("5", "10"))
+    d_base = torch.cdist(base, protected.flatten(1)).min(1).values / base.shape[1] ** 0.5
+    d_spell = torch.cdist(shielded.double(), protected.flatten(1).double()).min(1).values / base.shape[1] ** 0.5
+    assert float(d_base.max()) < 0.5 * radius  # unpatched: the protected images again
+    assert float(d_spell.min()) >= radius
+    assert f"r = {radius:.3g}" in result.ui["12"]["text"][0]
+
+
+@pytest.fixture()
+def calibrate(comfy):
+    model, vae, _ = comfy.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]().load()
+    digits = comfy.NODE_CLASS_MAPPINGS["SpellDemoDigitExamples"]().load(2)[0]  # 20 training digits, 64x64
+    node = comfy.NODE_CLASS_MAPPINGS["SpellShieldCalibration"]()
+
+    def run(images=digits, copies=2, distinct=None, flip=True):
+        return node.calibrate(model, vae, images, copies, 0, flip, distinct)
+
+    return run, digits
+
+
+def test_distinct_images_are_measured_when_connected(calibrate):
+    """With distinct images connected the report names them; without, the other protected images; the mirror
+    image counts as a kind only when flip is on."""
+    run, digits = calibrate
+    supplied = run(digits[:10], 5, distinct=digits[10:])["result"][1]
+    assert "of 10 (supplied distinct images" in supplied and "flip:" in supplied
+    assert "of 20 (other protected images" in run(flip=False)["result"][1]
+
+
+def test_inputs_it_cannot_measure_are_refused_naming_the_fix(calibrate):
+    run, digits = calibrate
+    with pytest.raises(ValueError, match=r"SpellShieldCalibration: got 1 image; .* connect at least 2 images"):
+        run(digits[:1], 40)
+    with pytest.raises(ValueError, match=r"SpellShieldCalibration: 5 images x 3 copies = 15 .* at least 4"):
+        run(digits[:5], 3)
+    small = torch.nn.functional.interpolate(digits[10:].permute(0, 3, 1, 2), size=(32, 32)).permute(0, 2, 3, 1)
+    with pytest.raises(ValueError, match=r"SpellShieldCalibration: distinct_images are 32x32 .* resize them to 64x64"):
+        run(digits[:10], 2, distinct=small)
