@@ -23,10 +23,16 @@ from ..spell_core.storage import StorageError
 from .common import SpellInputError, check_numbers
 
 HISTORY_KEY = "spell_history"
-# Static references are searched at r·(1 + SHIELD_REUSE) and the result reused until an image's x̂0 has moved
-# r·SHIELD_REUSE (spell_core.shield.StepReuse: exact); chosen by benchmarks/shield_e2e.py (docs/shield_e2e.md).
-SHIELD_REUSE = 0.5
-BATCH_SCALE_DEFAULT = 1.1  # provisional (a 6-seed sweep on the demo); benchmarks/diversity_decide.py decides it
+# Step reuse of shield searches (spell_core.shield.StepReuse: one search at r·(1 + f) reused until an image's x̂0
+# has moved r·f; exact) is off: on the demo with a 1.2 M shield it was slower than a search at every call (f 0.25:
+# 0.977 s, f 0.5: 1.039 s, f 1: 5.4 s per batch of 8 against 0.862 s; docs/shield_e2e.md): a wider search returns many
+# more of a dense set's near-duplicates than it saves. It is for searches that cost more per call than per
+# candidate (a remote engine).
+SHIELD_REUSE = 0.0
+# The largest swept scale that raised Vendi on all 11 demo prompts at batch 4 and 8 with precision within 0.03 of
+# the baseline on 20 of the 22 (prompt, batch) cases ("3": -0.031 at batch 4, -0.070 at batch 8); 1.1 cost up to
+# 0.09, 1.0 does nothing at batch 4 (docs/diversity_decide.md, benchmarks/diversity_decide.py).
+BATCH_SCALE_DEFAULT = 1.05
 
 
 class SpellRepellency:
@@ -51,8 +57,10 @@ class SpellRepellency:
                 "model": ("MODEL", {"tooltip": "The model to patch."}),
                 "radius": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
                     "Shield radius r: RMS distance in the model's latent space (the same value means the same at any "
-                    "resolution). Images whose predicted result comes closer than r to a reference are pushed out. "
-                    "Tune this first; see the README for how to choose it."}),
+                    "resolution). Images whose predicted result comes closer than r to a protected reference or a "
+                    "memory entry are pushed out. Measure it for your VAE and size with SPELL Shield Calibration "
+                    "(wire its radius output here). The batch uses its own adaptive radius unless "
+                    "batch_radius_scale is 0."}),
                 "overcompensation": ("FLOAT", {"default": 1.6, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip":
                     "λ: how far past the ball's border the push aims. 1 moves exactly to the border; the paper uses "
                     "1.6. 0 switches the push off."}),

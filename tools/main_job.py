@@ -31,13 +31,11 @@ ROOT = comfy_host.PACK_DIR
 MEMORY_RUNS = 3
 SWEEP_SEEDS = tuple(range(42, 50))
 SWEEP_SETTINGS = {  # label -> SpellRepellency inputs changed from the shipped diversity example
-    "r 0.5 mutual": dict(radius=0.5, in_batch="mutual"),
-    "r 0.6 mutual": dict(radius=0.6, in_batch="mutual"),
-    "r 0.7 mutual": dict(radius=0.7, in_batch="mutual"),
-    "r 0.85 mutual": dict(radius=0.85, in_batch="mutual"),
-    "r 0.7 ordered": dict(radius=0.7, in_batch="ordered"),
-    "r 0.7 mutual, end 0.5": dict(radius=0.7, in_batch="mutual", end_percent=0.5),
-    "r 0.85 mutual, end 0.5": dict(radius=0.85, in_batch="mutual", end_percent=0.5),
+    "adaptive 1.05": dict(batch_radius_scale=1.05),
+    "adaptive 1.1": dict(batch_radius_scale=1.1),
+    "adaptive 1.2": dict(batch_radius_scale=1.2),
+    "absolute r 0.5": dict(batch_radius_scale=0.0, radius=0.5),
+    "absolute r 0.7": dict(batch_radius_scale=0.0, radius=0.7),
 }
 
 
@@ -124,7 +122,9 @@ def settings(prompt: dict) -> dict:
 
 
 def spell_label(inputs: dict) -> str:
-    s = f"SPELL r = {inputs['radius']:g}, {inputs['in_batch']}"
+    scale = inputs.get("batch_radius_scale", 0.0)
+    s = (f"SPELL {inputs['in_batch']}, batch radius {scale:g} x spacing" if scale and inputs["in_batch"] != "off"
+         else f"SPELL r = {inputs['radius']:g}, {inputs['in_batch']}")
     if inputs["start_percent"] > 0 or inputs["end_percent"] < 1:
         s += f", steps {inputs['start_percent']:g}-{inputs['end_percent']:g}"
     return s
