@@ -19,9 +19,9 @@ def describe(log, radius_note="") -> str:
         f"model calls {len(log.steps)}; push active in {100 * log.active_share():.1f}% of (call, image) pairs",
         f"outputs moved by the final shield enforcement: {log.enforced}",
     ]
-    batch_r = [s.batch_r for s in log.steps if s.batch_r == s.batch_r]  # NaN: in-batch repellency off
-    if batch_r and any(b != log.r for b in batch_r):
-        lines.append(f"in-batch radius (adaptive): {batch_r[0]:.3g} at the first model call, {batch_r[-1]:.3g} at the last")
+    if adaptive_batch_radius(log) is not None:
+        radii = [s.batch_r for s in log.steps]
+        lines.append(f"in-batch radius (adaptive): {radii[0]:.3g} at the first model call, {radii[-1]:.3g} at the last")
     if log.n_static:
         lines.append("nearest static reference (RMS): " + ", ".join(f"{d:.3f}" if d != float("inf") else
                                                                      "beyond 4r" for d in near))
@@ -39,7 +39,13 @@ def chart(log, title="SPELL Report") -> np.ndarray:
     return charts.spell_report_chart(log.r, log.nearest_static if log.n_static else [],
                                      log.nearest_batch if log.batch > 1 else [], [s.sigma for s in log.steps],
                                      log.pushed_per_step(), log.max_push_per_step(), log.batch, title=title,
-                                     subtitle=subtitle, cap=NEAREST_CAP)
+                                     subtitle=subtitle, cap=NEAREST_CAP, batch_r=adaptive_batch_radius(log))
+
+
+def adaptive_batch_radius(log):
+    """The in-batch radius at the last logged model call when it adapted (differs from r), else None."""
+    radii = [s.batch_r for s in log.steps if s.batch_r == s.batch_r]  # NaN: in-batch repellency off
+    return radii[-1] if radii and any(b != log.r for b in radii) else None
 
 
 def image_batch(pictures) -> torch.Tensor:

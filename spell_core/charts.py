@@ -123,8 +123,9 @@ class Canvas:
             self.text((WIDTH / 2, 33 + 16 * n), line, size=13, fill=MUTED, anchor="ma")
 
     def legend(self, x, y, entries, size=12):
-        """entries: [(label, colour, kind)], kind 'box' (a bar), 'line' (a line with dots) or 'band' (the
-        shield band under the r line), left to right from (x, y); returns the x after the last entry."""
+        """entries: [(label, colour, kind)], kind 'box' (a bar), 'line' (a line with dots), 'dash' (a dashed
+        line) or 'band' (the shield band under the r line), left to right from (x, y); returns the x after the
+        last entry."""
         for label, colour, kind in entries:
             if kind == "box":
                 self.rect(x, y + 2, x + 12, y + 13, colour)
@@ -132,6 +133,9 @@ class Canvas:
             elif kind == "band":
                 self.rect(x, y + 3, x + 20, y + 14, SHIELD)
                 self.hline(x, x + 20, y + 3, colour, width=2, dash=4)
+                swatch = 20
+            elif kind == "dash":
+                self.hline(x, x + 20, y + 8, colour, width=2, dash=3)
                 swatch = 20
             else:
                 self.hline(x, x + 20, y + 8, colour, width=2)
@@ -199,7 +203,8 @@ def message_chart(title: str, message: str) -> np.ndarray:
 
 
 def spell_report_chart(r: float, nearest_static, nearest_batch, sigmas, pushed, push_size, batch: int,
-                       title: str = "SPELL Report", subtitle: str = "", cap: float = 4.0) -> np.ndarray:
+                       title: str = "SPELL Report", subtitle: str = "", cap: float = 4.0,
+                       batch_r: float | None = None) -> np.ndarray:
     """The SPELL report as a picture [HEIGHT, WIDTH, 3] uint8.
 
     Top: per output image, the RMS distance to its nearest static reference (protected set + memory;
@@ -207,31 +212,35 @@ def spell_report_chart(r: float, nearest_static, nearest_batch, sigmas, pushed, 
     the shield radius r (a dashed line over a shaded band). Either list may be empty (no static references,
     batch of 1). Bottom: per model call in the active window (labelled by σ), how many of the batch's images
     were pushed (bars, left axis, 0..batch) and the largest push size ||Δ|| / ||x̂0 − x_t|| (line, right axis).
+    ``batch_r``: the adaptive in-batch radius at the last model call, drawn as a second dashed line (the batch's
+    bars are measured against it, the static references' against r).
     """
     c = Canvas()
     c.title(title, subtitle)
     near_s = [float(d) for d in nearest_static]
     near_b = [float(d) for d in nearest_batch]
-    distance_panel(c, r, near_s, near_b, cap)
+    distance_panel(c, r, near_s, near_b, cap, batch_r if near_b else None)
     push_panel(c, [float(s) for s in sigmas], [int(p) for p in pushed], [float(p) for p in push_size], batch)
     return c.array()
 
 
-def distance_panel(c: Canvas, r, near_s, near_b, cap):
+def distance_panel(c: Canvas, r, near_s, near_b, cap, batch_r=None):
     box = DISTANCE_BOX
     x0, y0, x1, y1 = box
     n = max(len(near_s), len(near_b))
     c.text((x0 - 60, y0 - 42), "Distance of each output to its nearest neighbour (RMS, the sampler's latent space)",
            size=14)
-    entries = []
+    entries, short = [], batch_r is not None and bool(near_s)  # four entries: short labels, so they fit
     if near_s:
-        entries.append(("nearest static reference (protected set + memory)", REFERENCE, "box"))
+        entries.append(("nearest static reference" + ("" if short else " (protected set + memory)"), REFERENCE, "box"))
     if near_b:
-        entries.append(("nearest other image of this batch", PEER, "box"))
-    entries.append((f"shield radius r = {r:.3g}", RADIUS, "band"))
+        entries.append(("nearest other image" + ("" if short else " of this batch"), PEER, "box"))
+    entries.append((("r" if short else "shield radius r") + f" = {r:.3g}", RADIUS, "band"))
+    if batch_r is not None:
+        entries.append((f"in-batch radius {batch_r:.3g}", PEER, "dash"))
     c.legend(x0 - 60, y0 - 22, entries, size=12)
     finite = [d for d in near_s + near_b if math.isfinite(d)]
-    top, ticks = nice_ticks(max(finite + [r]) * 1.12)
+    top, ticks = nice_ticks(max(finite + [r] + ([batch_r] if batch_r is not None else [])) * 1.12)
     c.rect(x0 + 1, value_y(box, top, r), x1, y1 - 1, SHIELD)
     c.y_axis(box, top, ticks, "RMS distance")
     if n == 0:
@@ -255,6 +264,8 @@ def distance_panel(c: Canvas, r, near_s, near_b, cap):
                 c.text(((a + b) / 2, y0 + 3), f">{cap:g}r", size=10, fill=TEXT, anchor="ma")
     c.hline(x0 + 1, x1, value_y(box, top, r), RADIUS, width=2, dash=6)
     c.text((x1 - 2, value_y(box, top, r) - 3), "r", size=12, fill=RADIUS, anchor="rb")
+    if batch_r is not None:
+        c.hline(x0 + 1, x1, value_y(box, top, batch_r), PEER, width=2, dash=3)
     c.frame(box)
     widest = c.text_width(str(n), 11)
     shown = sparse_labels(n, (x1 - x0) / max(n, 1), widest)

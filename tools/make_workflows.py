@@ -287,7 +287,9 @@ def to_ui(graph: dict, node_classes: dict, note: str | None = None, extra: dict 
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
         outputs = [{"name": n, "type": t, "links": out_links.get((nid, s), []), "slot_index": s}
                    for s, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]
-        sizes[nid] = node_size(kind, cls, len(ui_inputs), n_widgets)
+        # the front end draws a slot for every input that is not a widget, linked or not (optional ones too)
+        n_slots = len(set(types) - {name for name, _ in widget_inputs(cls)})
+        sizes[nid] = node_size(kind, cls, max(len(ui_inputs), n_slots), n_widgets)
         entries[nid] = {"id": nid, "type": kind, "pos": None, "size": sizes[nid], "flags": {}, "order": 0,
                         "mode": 0, "inputs": ui_inputs, "outputs": outputs,
                         "properties": {"Node name for S&R": kind}, "widgets_values": values}

@@ -106,6 +106,21 @@ def test_the_r_line_moves_with_r():
     assert radius_row(hi) < radius_row(lo)
 
 
+def test_the_adaptive_batch_radius_is_a_second_line_at_its_value():
+    """batch_r drawn as a dashed line of the batch's colour at its own height (half of r: halfway to r's line),
+    spanning the plot, where bars of the same colour only fill their slots; none without it."""
+    r = 0.6
+    args = (r, [0.9, 0.8], [0.7, 0.65], [], [], [], 2)
+    img = charts.spell_report_chart(*args, batch_r=0.3)
+    box = charts.DISTANCE_BOX
+    height = box[3] - box[1]
+    peer = colour_mask(crop(img, box), charts.PEER)
+    wide = [y for y in range(peer.shape[0]) if peer[y].sum() > 0.4 * peer.shape[1]]  # bars are narrower
+    assert wide and abs((height - wide[0]) - 0.5 * (height - radius_row(img))) <= 2
+    plain = colour_mask(crop(charts.spell_report_chart(*args), box), charts.PEER)
+    assert not any(plain[y].sum() > 0.4 * plain.shape[1] for y in range(plain.shape[0]))
+
+
 def test_references_beyond_the_cap_are_drawn_to_the_top_in_a_lighter_colour():
     img = charts.spell_report_chart(0.5, [math.inf, 0.2], [0.6, 0.6], [], [], [], 2)
     box = charts.DISTANCE_BOX
