@@ -48,16 +48,18 @@ def sparse_push(x: torch.Tensor, z: torch.Tensor, i: torch.Tensor, k: torch.Tens
     return out
 
 
-def repellency(x0: torch.Tensor, z: torch.Tensor, r: float, lam: float = 1.6, mask: torch.Tensor | None = None):
+def repellency(x0: torch.Tensor, z: torch.Tensor, r: float, lam: float = 1.6, mask: torch.Tensor | None = None,
+               d: torch.Tensor | None = None):
     """SPELL's push Δ_i = λ Σ_k relu(r/||x̂0_i − z_k|| − 1)(x̂0_i − z_k), eq. (5) of the paper.
 
     x0 [B, ...] expected final images, z [N, ...] references of the same shape, mask [B, N] bool
-    (False: pair ignored). Returns (Δ [B, ...] in x0's dtype, number of active pairs per image [B]).
+    (False: pair ignored), d [B, N]: their RMS distances when the caller has them already.
+    Returns (Δ [B, ...] in x0's dtype, number of active pairs per image [B]).
     """
     xf, zf = flat32(x0), flat32(z)
     if zf.shape[0] == 0:
         return torch.zeros_like(x0), x0.new_zeros(x0.shape[0], dtype=torch.long)
-    w = repellency_weights(rms_cdist(xf, zf), r)
+    w = repellency_weights(rms_cdist(xf, zf) if d is None else d, r)
     if mask is not None:
         w = torch.where(mask, w, torch.zeros_like(w))
     i, k = torch.nonzero(w, as_tuple=True)

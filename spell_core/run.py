@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .repellency import IN_BATCH_MODES, flat32, in_batch_mask, nearest, repellency, repellency_weights, sparse_push
+from .repellency import (IN_BATCH_MODES, flat32, in_batch_mask, nearest, repellency, repellency_weights, rms_cdist,
+                         sparse_push)
 from .shield import Shield, StepReuse
 
 # The report lists nearest static references up to this many radii away (a range search, not a k-NN).
@@ -141,8 +142,10 @@ class SpellRun:
         mask = in_batch_mask(x0.shape[0], cfg.in_batch, x0.device)
         r_b = math.nan
         if mask is not None:
-            r_b = self.in_batch_radius(x0)
-            d_b, a_b = repellency(x0, x0, r_b, cfg.lam, mask)
+            xf = flat32(x0)
+            d = rms_cdist(xf, xf)  # one distance matrix for the batch radius and the push
+            r_b = self.in_batch_radius(x0, d)
+            d_b, a_b = repellency(x0, x0, r_b, cfg.lam, mask, d)
             delta, active = delta + flat32(d_b), active + a_b
         score = flat32(x0 - x_t).norm(dim=1).clamp_min(1e-12)
         self.log.steps.append(StepRecord(s, active.tolist(), (delta.norm(dim=1) / score).tolist(), r_b))
@@ -150,12 +153,12 @@ class SpellRun:
             return x0
         return x0 + delta.reshape(x0.shape).to(x0.dtype)
 
-    def in_batch_radius(self, x0: torch.Tensor) -> float:
+    def in_batch_radius(self, x0: torch.Tensor, d: torch.Tensor | None = None) -> float:
         """The radius within which the images of the batch repel each other at this model call: r, or with
-        batch_scale > 0 ``batch_radius(x0, batch_scale)`` capped by its value at the run's earlier calls."""
+        batch_scale > 0 ``batch_radius(x0, batch_scale, d)`` capped by its value at the run's earlier calls."""
         if self.config.batch_scale == 0:
             return self.config.r
-        self.batch_r = min(self.batch_r, batch_radius(x0, self.config.batch_scale))
+        self.batch_r = min(self.batch_r, batch_radius(x0, self.config.batch_scale, d))
         return self.batch_r
 
     def finish(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,8 +178,9 @@ class SpellRun:
         return x, moved
 
 
-def batch_radius(x0: torch.Tensor, scale: float) -> float:
-    """scale × the median over the batch of each x̂0's RMS distance to its nearest other x̂0 [B, ...].
+def batch_radius(x0: torch.Tensor, scale: float, d: torch.Tensor | None = None) -> float:
+    """scale × the median over the batch of each x̂0's RMS distance to its nearest other x̂0 [B, ...]
+    (d [B, B]: the batch's RMS distances, when the caller has them).
 
     The batch's own spacing, so one scale suits a spread-out prompt and a tight one, any model and any
     resolution. SpellRun holds it non-increasing over a run: the spacing grows as the push spreads the batch,
@@ -185,7 +189,10 @@ def batch_radius(x0: torch.Tensor, scale: float) -> float:
     b = x0.shape[0]
     if b < 2:
         return 0.0
-    return scale * float(nearest(x0, x0, ~torch.eye(b, dtype=torch.bool, device=x0.device)).median())
+    if d is None:
+        d = rms_cdist(flat32(x0), flat32(x0))
+    off = torch.where(torch.eye(b, dtype=torch.bool, device=d.device), torch.full_like(d, math.inf), d)
+    return scale * float(off.min(1).values.median())
 
 
 class RunHistory:
