@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import StorageError  # noqa: F401 (re-exported: spell_core.storage.StorageError)
 
@@ -98,16 +98,23 @@ def remove_stale_temporaries_in(folder: str | os.PathLike) -> list[str]:
 
 
 def atomic_save(tensors: dict, path: str | os.PathLike, metadata: dict) -> None:
-    """save_file into a temporary file of the same folder, fsync, then rename over path: a reader sees the old
-    file or the new one, never half of one. Stale temporaries of path from killed writes are removed first."""
+    """The safetensors bytes into a temporary file of the same folder, fsync, then rename over path: a reader sees
+    the old file or the new one, never half of one. Stale temporaries of path from killed writes are removed first.
+
+    Serialised in memory and written here, not by ``save_file``: safetensors 0.8's ``save_file`` writes through a
+    temporary of its own (``.tmpXXXXXX`` beside the target, then a rename), which a killed process leaves behind
+    under a name that carries no owner (tests/core/test_concurrency.py found one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     tmp = _temporary(path)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
+        data = save(tensors, metadata=metadata)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
+        del data
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -123,3 +123,32 @@ def test_encoding_cache_skips_known_images(tmp_path):
     (folder / "junk.png").write_bytes(b"not an image")
     with pytest.raises(StorageError, match="junk.png"):
         encode_folder(folder, 16, 16, "stretch", "enc", encode, cache)
+
+
+def test_atomic_save_writes_through_its_own_named_temporary_only(tmp_path):
+    """Every name that appears in the folder during a save is the target or ``<name>.<pid>-<random>.tmp`` (which
+    remove_stale_temporaries can attribute to its writer); safetensors' own ``save_file`` would add a
+    ``.tmpXXXXXX`` that a killed process leaves behind."""
+    import os
+    import re
+    import threading
+
+    from spell_core.storage import atomic_save
+
+    seen, done = set(), threading.Event()
+
+    def poll():
+        while not done.is_set():
+            seen.update(os.listdir(tmp_path))
+
+    watcher = threading.Thread(target=poll)
+    watcher.start()
+    try:
+        for _ in range(3):
+            atomic_save({"x": torch.zeros(8_000_000)}, tmp_path / "big.safetensors", {})
+    finally:
+        done.set()
+        watcher.join()
+    own = re.compile(rf"big\.safetensors\.{os.getpid()}-\w+\.tmp")
+    assert "big.safetensors" in seen and any(own.fullmatch(n) for n in seen)  # the poll saw the write happen
+    assert {n for n in seen if n != "big.safetensors" and not own.fullmatch(n)} == set()
