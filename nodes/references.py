@@ -193,7 +193,9 @@ class SpellProtectedSetLoader:
             refs = ReferenceSet(None, {}, index)
         else:
             refs = ReferenceSet.load(path)
-        refs.meta["sources"] = [f"file {set_file} ({len(refs)})"]
+        engine = getattr(refs.index, "engine", None) if set_file.endswith("/") else None
+        refs.meta["sources"] = [f"file {set_file} ({len(refs)}" + (f", searched through the {engine.describe()})"
+                                                                  if engine is not None else ")")]
         return refs
 
     def from_images(self, images, width, height, resize, vae):

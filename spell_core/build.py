@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .index.building import build_shards, folder_within
+from .index.building import build_shards, folder_within, shard_dtype
 from .index.search import ReferenceIndex
 from .index.shards import INDEX_FILE, MANIFEST
 from .locking import LOCK_TIMEOUT_S, file_lock
@@ -72,10 +72,35 @@ def owned_files(out: Path) -> list[Path]:
                                                          or (p.name.startswith("shard-") and p.suffix == ".safetensors"))]
 
 
+def with_dtype(record: dict, dtype: str) -> dict:
+    """record with the shards' dtype in its settings when it is not float32 (so float32 records, and the
+    source.json of folders built before float16 shards existed, stay as they were): another dtype stores other
+    values, so it is another source."""
+    if dtype == "float32":
+        return record
+    if isinstance(record.get("settings"), dict):
+        return {**record, "settings": {**record["settings"], "dtype": dtype}}
+    return {**record, "dtype": dtype}
+
+
+def _dtype_of(record: dict) -> str:
+    settings = record.get("settings")
+    return (settings if isinstance(settings, dict) else record).get("dtype", "float32")
+
+
+def _without_dtype(record):
+    if not isinstance(record, dict):
+        return record
+    out = {k: v for k, v in record.items() if k != "dtype"}
+    if isinstance(out.get("settings"), dict):
+        out["settings"] = {k: v for k, v in out["settings"].items() if k != "dtype"}
+    return out
+
+
 def build_index_folder(source, total: int, out: str | os.PathLike, record: dict, *, shard_size: int = 4096,
                        backend: str = "auto", overwrite: bool = False, progress: StageProgress | None = None,
                        bar: bool = False, index_options: dict | None = None,
-                       lock_timeout: float = LOCK_TIMEOUT_S) -> tuple[ReferenceIndex, str]:
+                       lock_timeout: float = LOCK_TIMEOUT_S, dtype: str = "float32") -> tuple[ReferenceIndex, str]:
     """Shards the latents of ``source`` into ``out`` and indexes them; returns (index, what was done).
 
     record describes the source (``describe_source``); it is stored in out/source.json. If out already holds
@@ -84,7 +109,13 @@ def build_index_folder(source, total: int, out: str | os.PathLike, record: dict,
     build's own files first; a folder with nothing built yet (source.json and temporaries only) is started afresh.
     index_options go to ``ReferenceIndex.build`` (projection, dim, ...). The whole build holds the folder's
     lock (module docstring); LockTimeout after lock_timeout seconds if another build holds it.
+
+    dtype: the shards' stored dtype, "float32" (default) or "float16" (half the disk; ``index.build_shards``). It
+    is part of the record (``with_dtype``): a folder of the same files in the other dtype is refused unless
+    overwrite, with a message saying so.
     """
+    dtype = shard_dtype(dtype)
+    record = with_dtype(record, dtype)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise StorageError(f"{out.name} exists and is not a folder")
@@ -92,10 +123,11 @@ def build_index_folder(source, total: int, out: str | os.PathLike, record: dict,
     with file_lock(out / INDEX_FILE, f"index build {out.name}", lock_timeout):
         folder_within(out)
         return _build_locked(source, total, out, record, shard_size, backend, overwrite, progress, bar,
-                             index_options)
+                             index_options, dtype)
 
 
-def _build_locked(source, total, out, record, shard_size, backend, overwrite, progress, bar, index_options):
+def _build_locked(source, total, out, record, shard_size, backend, overwrite, progress, bar, index_options,
+                  dtype="float32"):
     src = out / SOURCE_FILE
     recorded = None
     if src.is_file():
@@ -109,6 +141,11 @@ def _build_locked(source, total, out, record, shard_size, backend, overwrite, pr
         # Nothing built yet (a build that failed before its first shard: only source.json and temporaries) is no
         # one's index: it is replaced, so the build can be queued again after fixing its input.
         if built and not overwrite:
+            if _without_dtype(recorded) == _without_dtype(record):
+                had = _dtype_of(recorded)
+                raise StorageError(f"{out.name} already holds an index of the same files with {had} shards, not "
+                                   f"{dtype}; build with dtype {had} to open it, or switch overwrite on to rebuild it "
+                                   f"with {dtype} shards")
             was = (f"{recorded.get('files')} files, settings {recorded.get('settings')}" if isinstance(recorded, dict)
                    and "files" in recorded else "an unknown source")
             raise StorageError(f"{out.name} already holds an index built from another source ({was}); choose "
@@ -124,7 +161,7 @@ def _build_locked(source, total, out, record, shard_size, backend, overwrite, pr
     def stage(name):
         return None if progress is None else (lambda done, tot: progress(name, done, total))
 
-    files = build_shards(source, out, shard_size, total=total, progress=stage("encode"), bar=bar)
+    files = build_shards(source, out, shard_size, total=total, progress=stage("encode"), bar=bar, dtype=dtype)
     index = ReferenceIndex.build(files, backend=backend, progress=stage("index"), **(index_options or {}))
     index.save(out)
     return index, "resumed an interrupted build" if resumed else "built"

@@ -139,10 +139,13 @@ def atomic_write_json(path: str | os.PathLike, value) -> None:
             os.unlink(tmp)
 
 
-def save_latents(path: str | os.PathLike, latents: torch.Tensor, meta: dict | None = None) -> None:
-    """Writes {"latents": [N, ...]} with JSON metadata atomically."""
+def save_latents(path: str | os.PathLike, latents: torch.Tensor, meta: dict | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+    """Writes {"latents": [N, ...]} (float32, or float16 if dtype says so) with JSON metadata atomically."""
+    if dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"latents are saved as torch.float32 or torch.float16, not {dtype}")
     header = {"format": FORMAT, "meta": json.dumps(meta or {})}
-    atomic_save({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, path, header)
+    atomic_save({"latents": latents.detach().to("cpu", dtype).contiguous()}, path, header)
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="images per VAE call")
     ap.add_argument("--shard-size", type=int, default=4096, help="latents per shard (the work an interruption loses)")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                    help="stored dtype of the shards (float16: half the disk; searched exactly as stored)")
     ap.add_argument("--overwrite", action="store_true", help="replace an index in --out built from other images")
     args = ap.parse_args(argv)
     if args.width % 8 or args.height % 8:
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
     return spell_core.build.cli_build(lambda progress: spell_core.build.build_from_images(
         Path(args.images), Path(args.out), args.width, args.height, args.resize, vae.encode,
         spell_core.references.fingerprint_tensors(vae.get_sd()), batch=args.batch_size, shard_size=args.shard_size,
-        backend=args.backend, overwrite=args.overwrite, progress=progress), args.out)
+        backend=args.backend, overwrite=args.overwrite, progress=progress, dtype=args.dtype), args.out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The streaming, resumable shard builder (``build_shards``) and the containment checks of an index folder
-(``shards_within``, ``folder_within``)."""
+"""The streaming, resumable shard builder (``build_shards``, float32 or float16 shards: ``shard_dtype``) and the
+containment checks of an index folder (``shards_within``, ``folder_within``)."""
 from __future__ import annotations
 
 import json
@@ -56,12 +56,26 @@ def shard_name(j: int) -> str:
     return f"shard-{j:05d}.safetensors"
 
 
-def complete_shards(out_dir: Path, shard_size: int) -> int:
-    """Number of leading shards that exist, open cleanly and hold exactly shard_size rows."""
+SHARD_DTYPE_CHOICES = ("float32", "float16")
+FLOAT16_MAX = 65504.0
+
+
+def shard_dtype(dtype: str | torch.dtype) -> str:
+    """The stored dtype of shards, "float32" or "float16", from that name or torch.float32 / torch.float16;
+    ValueError naming the choices otherwise."""
+    name = {torch.float32: "float32", torch.float16: "float16"}.get(dtype, dtype)
+    if name not in SHARD_DTYPE_CHOICES:
+        raise ValueError(f"shard dtype must be one of {SHARD_DTYPE_CHOICES}, got {dtype!r}")
+    return name
+
+
+def complete_shards(out_dir: Path, shard_size: int, dtype: str = "float32") -> int:
+    """Number of leading shards that exist, open cleanly, hold exactly shard_size rows and store dtype."""
     j = 0
     while True:
         try:
-            if len(Shard(out_dir / shard_name(j))) != shard_size:
+            s = Shard(out_dir / shard_name(j))
+            if len(s) != shard_size or s.dtype != dtype:
                 return j
         except StorageError:
             return j
@@ -70,7 +84,7 @@ def complete_shards(out_dir: Path, shard_size: int) -> int:
 
 def build_shards(source: Iterable[torch.Tensor] | Callable[[int], Iterable[torch.Tensor]], out_dir: str | os.PathLike,
                  shard_size: int = 8192, total: int | None = None, progress: ProgressFn | None = None,
-                 bar: bool = False) -> list[Path]:
+                 bar: bool = False, dtype: str | torch.dtype = "float32") -> list[Path]:
     """Writes latent batches [n, ...] from source into out_dir/shard-XXXXX.safetensors, atomically.
 
     Resumable: shards already complete are kept and their rows skipped. source is an iterable of batches
@@ -78,18 +92,23 @@ def build_shards(source: Iterable[torch.Tensor] | Callable[[int], Iterable[torch
     ``start`` on (skips for free). A manifest.json written last marks the set complete; a complete set
     is returned as is. progress(done, total) is called after every batch (total None if unknown);
     bar shows a tqdm progress bar. Returns the shard paths.
+
+    dtype: "float32" (default) or "float16" (half the disk and page cache; values rounded to nearest, and the
+    index searches exactly the float32 values of what is stored). A latent beyond float16's range (|x| > 65504)
+    raises StorageError. Shards of another dtype count as missing: a resume with a new dtype rewrites them.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be ≥ 1, got {shard_size}")
+    dtype = shard_dtype(dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / MANIFEST
     if manifest.is_file():
         info = json.loads(manifest.read_text())
-        if info.get("shard_size") == shard_size:
+        if info.get("shard_size") == shard_size and info.get("dtype", "float32") == dtype:
             return shards_within([out / f for f in info["shards"]], out, manifest)
     remove_stale_temporaries_in(out)  # of killed writes; a live writer's are kept
-    done_shards = complete_shards(out, shard_size)
+    done_shards = complete_shards(out, shard_size, dtype)
     start = done_shards * shard_size
     it = source(start) if callable(source) else source
     skip = 0 if callable(source) else start
@@ -103,7 +122,7 @@ def build_shards(source: Iterable[torch.Tensor] | Callable[[int], Iterable[torch
     def flush():
         nonlocal buf, nbuf, j
         block = torch.cat(buf)
-        save_latents(out / shard_name(j), block, {"kind": "index_shard", "index": j})
+        save_latents(out / shard_name(j), block, {"kind": "index_shard", "index": j}, dtype=block.dtype)
         j += 1
         buf, nbuf = [], 0
 
@@ -119,6 +138,12 @@ def build_shards(source: Iterable[torch.Tensor] | Callable[[int], Iterable[torch
             if len(batch) == 0:
                 continue
         check_finite(batch, f"latents {done}..{done + len(batch)}")
+        if dtype == "float16":
+            big = float(batch.abs().max()) if batch.numel() else 0.0
+            if big > FLOAT16_MAX:
+                raise StorageError(f"latents {done}..{done + len(batch)} exceed float16's range (largest |value| "
+                                   f"{big:.6g} > {FLOAT16_MAX:g}): build these shards with dtype float32")
+            batch = batch.half()
         while len(batch):
             take = min(shard_size - nbuf, len(batch))
             buf.append(batch[:take])
@@ -141,5 +166,5 @@ def build_shards(source: Iterable[torch.Tensor] | Callable[[int], Iterable[torch
         if not p.exists():
             break
         p.unlink()
-    atomic_write_json(manifest, {"shards": files, "rows": done, "shard_size": shard_size})
+    atomic_write_json(manifest, {"shards": files, "rows": done, "shard_size": shard_size, "dtype": dtype})
     return [out / f for f in files]

@@ -6,11 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from safetensors.torch import load_file
 
 from ..build import build_index_folder, cli_build, describe_source
 from ..storage import StorageError
-from .search import BACKENDS, PROJECTIONS
+from .engine import DEFAULT_URI, ENGINE_FILE, TOKEN_ENV, upload_folder
+from .search import BACKENDS, PROJECTIONS, ReferenceIndex
 from .shards import read_header
 
 
@@ -65,7 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--projection", default="pca", choices=PROJECTIONS)
     b.add_argument("--dim", type=int, default=32, help="PCA dimensions of the lower-bound features")
     b.add_argument("--overwrite", action="store_true", help="replace an index in --out built from other files")
+    e = sub.add_parser("engine", help="store an index folder's lower-bound features in Milvus (engine.json)")
+    e.add_argument("folder", help="an index folder (holds index.safetensors)")
+    e.add_argument("--uri", default=DEFAULT_URI, help="a milvus-lite database name ending in .db, kept inside the "
+                   f"folder (default {DEFAULT_URI}), or a Milvus server URI (http://host:19530); a token is read from "
+                   f"${TOKEN_ENV}")
+    e.add_argument("--collection", default=None, help="collection name (default: spell_ + the features' fingerprint)")
     args = ap.parse_args(argv)
+    if args.cmd == "engine":
+        return upload_command(args.folder, args.uri, args.collection)
 
     files = latent_files(args.latents_dir)
     source, total = folder_source(files)
@@ -75,3 +85,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=progress, bar=True, index_options={"projection": args.projection, "dim": args.dim}),
         args.out, quiet_stages=("encode",))  # the shard writer shows its own bar
 
+
+
+def upload_command(folder: str, uri: str, collection: str | None) -> int:
+    """``engine``: uploads the features with a progress line, then one test query through the engine."""
+    import sys
+    import time
+
+    try:
+        index = ReferenceIndex.load(folder, engine=False)
+        t0 = time.perf_counter()
+
+        def progress(done, total):
+            print(f"\r[spell engine] {done}/{total} features uploaded", end="", file=sys.stderr, flush=True)
+
+        eng = upload_folder(index, folder, uri, collection, progress)
+        print(file=sys.stderr)
+        x = index.get(torch.arange(min(len(index), 1)))
+        i, k, d = index.range_search(x, 1e-3) if len(x) else (None, [], None)
+        print(f"[spell engine] {eng.describe()} ready in {time.perf_counter() - t0:.1f} s; {Path(folder) / ENGINE_FILE} "
+              f"written; a test query found {len(k)} reference(s) within 0.001 of reference 0")
+    except StorageError as e:
+        print(f"[spell engine] {e}", file=sys.stderr)
+        return 1
+    return 0

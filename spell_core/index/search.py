@@ -80,6 +80,7 @@ class ReferenceIndex:
         self.store, self.features, self.znorm_max = store, features, float(znorm_max)
         self.cells, self.order, self.meta = cells, order, dict(meta or {})
         self.subcells = subcells
+        self.engine = None  # engine.MilvusEngine answering the candidate stage instead of the local backend
         self.device = torch.device(device)
         self.y = y  # [N, m + 1] float32, in cell order when cells or subcells is set
         self.backend = resolve_backend(backend, len(store))
@@ -181,6 +182,19 @@ class ReferenceIndex:
         return ReferenceIndex(self.store, self.features, y, self.znorm_max, backend, device=device or self.device,
                               meta=self.meta)
 
+    def reference_features(self) -> torch.Tensor:
+        """The lower-bound features y [N, m + 1] float32 in reference order (what an engine stores)."""
+        return self.y if self.order is None else self.y[torch.argsort(self.order)]
+
+    def use_engine(self, engine) -> "ReferenceIndex":
+        """Answers the candidate stage with engine (``engine.MilvusEngine``, holding ``reference_features``);
+        None: the local backend again. The exact recheck stays local."""
+        if engine is not None and (engine.rows != len(self) or engine.dim != self.y.shape[1]):
+            raise ValueError(f"engine holds {engine.rows} x {engine.dim} features, the index {len(self)} x "
+                             f"{self.y.shape[1]}")
+        self.engine = engine
+        return self
+
     # ---- queries ----
     def __len__(self) -> int:
         return len(self.store)
@@ -207,6 +221,8 @@ class ReferenceIndex:
         # matmul-expanded squared distances (torch, faiss) err by ~1e-6·(|q|² + |y|²) even for tiny radii
         t2 = t * t + SLACK * (q.norm(dim=1) + self.ynorm_max) ** 2
         qf = q.float()
+        if self.engine is not None:  # the same features and radius, searched by Milvus (``engine``)
+            return self.engine.candidates(qf, t2)
         if self.backend == "torch":
             return flat_torch(self._yd, self._y2, qf, t2)
         if self.backend == "faiss":
@@ -318,8 +334,11 @@ class ReferenceIndex:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, backend: str | None = None,
-             device: str | torch.device = "cpu", within: str | os.PathLike | None = None) -> "ReferenceIndex":
-        """Opens an index written by save; shard rows are read on demand, never whole. within: a folder every
+             device: str | torch.device = "cpu", within: str | os.PathLike | None = None,
+             engine: bool = True) -> "ReferenceIndex":
+        """Opens an index written by save; shard rows are read on demand, never whole. engine: attach the Milvus
+        engine the folder's engine.json names (``engine.attach_recorded``; EngineError if it cannot answer for
+        these features); False: search locally. within: a folder every
         shard the index lists must resolve inside (``spell_core.paths.contained``; the pack passes the index
         folder itself), else StorageError before any shard is opened; None: shards may lie anywhere (library use,
         shards built elsewhere)."""
@@ -354,6 +373,11 @@ class ReferenceIndex:
         if order is not None and not ((backend == "clusters" and cells is not None)
                                       or (backend == "cascade" and subcells is not None)):
             y, cells, subcells, order = y[torch.argsort(order)], None, None, None
-        return cls(store, Features(t["mu"], t["w"]), y, float(meta["znorm_max"]), backend, cells, order, device,
-                   json.loads(meta.get("meta", "{}")), subcells)
+        index = cls(store, Features(t["mu"], t["w"]), y, float(meta["znorm_max"]), backend, cells, order, device,
+                    json.loads(meta.get("meta", "{}")), subcells)
+        if engine:
+            from .engine import attach_recorded
+
+            attach_recorded(index, folder)
+        return index
 

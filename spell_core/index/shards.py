@@ -1,7 +1,9 @@
 """Memory-mapped safetensors shards of the index: ``read_header``, ``Shard`` (one file of reference latents) and
 ``LatentStore`` (all references, in memory or over shards), and the names of the index folder's files.
 
-Full latents live in memory or in memory-mapped safetensors shards; files are safetensors, never pickles.
+Full latents live in memory or in memory-mapped safetensors shards; files are safetensors, never pickles. Shards
+store float32 or float16 (``SHARD_DTYPES``); every read returns float32, so a float16 shard is searched, exactly,
+as the float32 values its float16 entries denote.
 """
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ INDEX_FILE = "index.safetensors"
 MANIFEST = "manifest.json"
 
 ProgressFn = Callable[[int, int], None]
+# safetensors dtype of a shard's "latents" -> numpy dtype of the stored values; every read upcasts to float32,
+# so the index compares queries with exactly the float32 values of what is stored (float16: half the disk)
+SHARD_DTYPES = {"F32": np.float32, "F16": np.float16}
+DTYPE_NAMES = {"float32": "F32", "float16": "F16"}
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -44,10 +50,30 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+class _Upcast:
+    """Read-only float32 view of a float16 memory map: indexing returns float32 copies of the rows."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, mm: np.memmap):
+        self.mm = mm
+        self.shape = mm.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.asarray(self.mm[key], dtype=np.float32)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.mm, dtype=dtype or np.float32)
+
+
 class Shard:
-    """One safetensors file holding {"latents": float32 [n, ...]}; rows are fetched with positioned reads
-    (``take``), so only the page cache holds them and the process' resident memory does not grow with the
-    rows touched (a memory map, ``rows``, is still available)."""
+    """One safetensors file holding {"latents": [n, ...]} stored as float32 or float16 (``dtype``); every read
+    returns float32 (float16 rows upcast exactly). Rows are fetched with positioned reads (``take``), so only
+    the page cache holds them and the process' resident memory does not grow with the rows touched (a memory
+    map, ``rows``, is still available)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -55,13 +81,19 @@ class Shard:
             raise StorageError(f"shard {self.path} does not exist")
         header, start = read_header(self.path)
         info = header.get("latents")
-        if not isinstance(info, dict) or info.get("dtype") != "F32":
-            raise StorageError(f"shard {self.path} holds no float32 'latents' tensor")
+        if not isinstance(info, dict) or not isinstance(info.get("shape"), list) or "data_offsets" not in info:
+            raise StorageError(f"shard {self.path} holds no 'latents' tensor")
+        if info.get("dtype") not in SHARD_DTYPES:
+            raise StorageError(f"shard {self.path} holds 'latents' of dtype {info.get('dtype')!r}; index shards hold "
+                               "F32 or F16: rebuild the index (python -m spell_core.index build ... --dtype float32 "
+                               "or float16)")
+        self.stored = np.dtype(SHARD_DTYPES[info["dtype"]])  # on disk; reads give float32
+        self.dtype = self.stored.name  # "float32" | "float16"
         self.shape = tuple(int(s) for s in info["shape"])
         begin, end = info["data_offsets"]
-        expected = 4 * math.prod(self.shape)
+        expected = self.stored.itemsize * math.prod(self.shape)
         if end - begin != expected or self.path.stat().st_size < start + end:
-            raise StorageError(f"shard {self.path} is truncated: expected {start + end} bytes for shape "
+            raise StorageError(f"shard {self.path} is truncated: expected {start + end} bytes for {self.dtype} shape "
                                f"{self.shape}, found {self.path.stat().st_size}")
         self.offset = start + begin
         self._mm = None
@@ -78,28 +110,31 @@ class Shard:
         return self.shape[0]
 
     @property
-    def rows(self) -> np.ndarray:
-        """[n, D] float32 memory map."""
+    def rows(self):
+        """[n, D] float32 memory map (float16 shards: a map whose rows come back as float32 copies)."""
         if self._mm is None:
             d = math.prod(self.shape[1:])
-            self._mm = np.memmap(self.path, np.float32, "r", self.offset, (self.shape[0], d))
+            mm = np.memmap(self.path, self.stored, "r", self.offset, (self.shape[0], d))
             if hasattr(mmap, "MADV_RANDOM"):  # candidate rows are scattered: no readahead around them
-                self._mm._mmap.madvise(mmap.MADV_RANDOM)
+                mm._mmap.madvise(mmap.MADV_RANDOM)
+            self._mm = mm if self.stored == np.float32 else _Upcast(mm)
         return self._mm
 
     def take(self, local: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Rows local [P] (sorted ascending for sequential access) -> [P, D] float32 (into out, a C-contiguous
         [P, D] float32 array, if given), one positioned read per run of consecutive rows."""
         d = math.prod(self.shape[1:])
-        rb = 4 * d
+        rb = self.stored.itemsize * d
         out = np.empty((len(local), d), np.float32) if out is None else out
         if len(local) == 0:
             return out
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        # float16: read the stored bytes into a scratch array, then upcast into out in one pass
+        raw = out if self.stored == np.float32 else np.empty((len(local), d), self.stored)
         cut = np.flatnonzero(np.diff(local) != 1) + 1
         starts, ends = np.concatenate([[0], cut]), np.concatenate([cut, [len(local)]])
-        buf = memoryview(out).cast("B")
+        buf = memoryview(raw).cast("B")
         for a, b in zip(starts.tolist(), ends.tolist()):
             at, want = self.offset + int(local[a]) * rb, (b - a) * rb
             if hasattr(os, "preadv"):
@@ -110,17 +145,24 @@ class Shard:
                 buf[a * rb:a * rb + got] = data
             if got != want:
                 raise StorageError(f"shard {self.path} is truncated: short read at row {int(local[a])}")
+        if raw is not out:
+            out[...] = raw
         return out
 
     def read(self, a: int, b: int) -> torch.Tensor:
         """Rows a..b as a float32 [b − a, D] tensor, read (not mapped: streaming leaves no resident pages)."""
         d = math.prod(self.shape[1:])
-        x = np.fromfile(self.path, np.float32, (b - a) * d, offset=self.offset + 4 * a * d)
+        x = np.fromfile(self.path, self.stored, (b - a) * d, offset=self.offset + self.stored.itemsize * a * d)
+        if len(x) != (b - a) * d:
+            raise StorageError(f"shard {self.path} is truncated: short read at rows {a}..{b}")
+        if self.stored != np.float32:
+            x = x.astype(np.float32)
         return torch.from_numpy(x.reshape(b - a, d))
 
 
 class LatentStore:
-    """Reference latents [N, D] float32, either in memory or spread over memory-mapped shards."""
+    """Reference latents [N, D] float32, either in memory or spread over memory-mapped shards (stored float32
+    or float16, read as float32; shards of both dtypes may be mixed)."""
 
     def __init__(self, item_shape: tuple, tensor: torch.Tensor | None = None, shards: Sequence[Shard] = ()):
         self.item_shape = tuple(item_shape)
@@ -142,6 +184,11 @@ class LatentStore:
 
     def __len__(self) -> int:
         return self.n
+
+    @property
+    def dtypes(self) -> list[str]:
+        """Stored dtypes of the shards, in order ("float32" for latents in memory)."""
+        return [s.dtype for s in self.shards] if self.tensor is None else ["float32"]
 
     @property
     def dim(self) -> int:
