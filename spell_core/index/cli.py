@@ -1,5 +1,6 @@
-"""The command line: ``python -m spell_core.index build --latents-dir DIR... --out DIR`` (``main``) over folders of
-latent files (``latent_files``, ``folder_source``); the build itself is ``spell_core.build.build_index_folder``."""
+"""The command line: ``python -m spell_core.index build --latents-dir DIR... --out DIR [--dtype float16]`` (``main``)
+over folders of latent files (``latent_files``, ``folder_source``); the build itself is
+``spell_core.build.build_index_folder``."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from ..build import build_index_folder, cli_build, describe_source
 from ..storage import StorageError
+from .building import SHARD_DTYPE_CHOICES
 from .engine import DEFAULT_URI, ENGINE_FILE, TOKEN_ENV, upload_folder
 from .search import BACKENDS, PROJECTIONS, ReferenceIndex
 from .shards import read_header
@@ -66,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--backend", default="auto", choices=BACKENDS)
     b.add_argument("--projection", default="pca", choices=PROJECTIONS)
     b.add_argument("--dim", type=int, default=32, help="PCA dimensions of the lower-bound features")
+    b.add_argument("--dtype", default="float32", choices=SHARD_DTYPE_CHOICES,
+                   help="stored dtype of the shards: float16 halves the disk; the index searches exactly the stored "
+                        "values (default float32)")
     b.add_argument("--overwrite", action="store_true", help="replace an index in --out built from other files")
     e = sub.add_parser("engine", help="store an index folder's lower-bound features in Milvus (engine.json)")
     e.add_argument("folder", help="an index folder (holds index.safetensors)")
@@ -82,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = describe_source(files, {"kind": "latent files", "dim": args.dim, "projection": args.projection})
     return cli_build(lambda progress: build_index_folder(
         source, total, args.out, record, shard_size=args.shard_size, backend=args.backend, overwrite=args.overwrite,
-        progress=progress, bar=True, index_options={"projection": args.projection, "dim": args.dim}),
+        progress=progress, bar=True, index_options={"projection": args.projection, "dim": args.dim}, dtype=args.dtype),
         args.out, quiet_stages=("encode",))  # the shard writer shows its own bar
 
 
