@@ -17,7 +17,7 @@ import torch
 
 from ..spell_core import ReferenceSet, StorageError
 from ..spell_core.build import build_from_images
-from ..spell_core.index import BACKENDS, ReferenceIndex
+from ..spell_core.index import BACKENDS, INDEX_FILE, ReferenceIndex
 from ..spell_core.paths import contained, find_in
 from ..spell_core.references import RESIZE_MODES, EncodingCache, encode_folder, fingerprint_tensors, fit_batch, list_images
 from ..spell_core.storage import inside
@@ -194,8 +194,11 @@ class SpellProtectedSetLoader:
         else:
             refs = ReferenceSet.load(path)
         engine = getattr(refs.index, "engine", None) if set_file.endswith("/") else None
-        refs.meta["sources"] = [f"file {set_file} ({len(refs)}" + (f", searched through the {engine.describe()})"
-                                                                  if engine is not None else ")")]
+        # an index folder's files read into the page cache in the background: the first run does not wait on disk
+        warm = refs.index.warm(also=[path / INDEX_FILE]) if set_file.endswith("/") else None
+        refs.meta["sources"] = [f"file {set_file} ({len(refs)}" + (f", searched through the {engine.describe()}"
+                                                                  if engine is not None else "")
+                                + (f"; {warm.summary()}" if warm is not None else "") + ")"]
         return refs
 
     def from_images(self, images, width, height, resize, vae):
@@ -301,9 +304,10 @@ class SpellProtectedSetIndexBuilder:
                                             overwrite=overwrite, progress=progress)
         except StorageError as e:
             raise SpellInputError(self.NODE_ID, f"{e}.") from e
+        warm = index.warm(also=[out / INDEX_FILE])  # an index opened as is (after a restart): read ahead too
         refs = ReferenceSet(None, {"sources": [f"index {out.name}/ ({len(index)})"]}, index)
         summary = (f"{what}: {len(index)} references from folder {folder}, latent shape {tuple(index.item_shape)}, "
-                   f"backend {index.backend}, in models/{SETS}/{out.name}/")
+                   f"backend {index.backend}, in models/{SETS}/{out.name}/" + (f"; {warm.summary()}" if warm else ""))
         return {"ui": {"text": [summary]}, "result": (refs, summary)}
 
 

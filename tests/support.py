@@ -1,8 +1,9 @@
-"""Small helpers shared by the browser and install tests (tests/ is on sys.path: tests/conftest.py)."""
+"""Small helpers shared by the browser, install and cold-start tests (tests/ is on sys.path: tests/conftest.py)."""
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -21,3 +22,40 @@ def require(missing: str | None) -> None:
         pytest.fail(missing)
     if missing:
         pytest.skip(missing)
+
+
+def filesystem(path) -> str:
+    """The type of the filesystem holding path (the longest mount point of /proc/mounts above it; "unknown"
+    where /proc/mounts cannot be read)."""
+    best, kind = "", "unknown"
+    real = str(Path(path).resolve())
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    for line in mounts:
+        parts = line.split()
+        if len(parts) >= 3:
+            point = parts[1].replace("\\040", " ")
+            if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+                best, kind = point, parts[2]
+    return kind
+
+
+def evict_or_skip(files, pagecache) -> float:
+    """Drops files from the page cache (``pagecache.evict``) -> the resident fraction left; skips the test, with
+    the reason, where that cannot be done or seen: no mincore, a tmpfs (its pages are the files), or eviction
+    leaving over 5 % resident."""
+    files = [Path(f) for f in files]
+    if pagecache.resident(files[0]) is None:
+        pytest.skip("mincore is not available on this platform: page-cache residency cannot be measured")
+    kind = filesystem(files[0])
+    if kind in ("tmpfs", "ramfs"):
+        pytest.skip(f"{files[0].parent} is on {kind}: its pages are the files themselves and cannot be evicted, so "
+                    "a read-ahead cannot be observed")
+    pagecache.evict(files)
+    cold = pagecache.resident_fraction(files)
+    if cold > 0.05:
+        pytest.skip(f"POSIX_FADV_DONTNEED left {cold:.0%} of {files[0].parent} resident on this {kind} filesystem: a "
+                    "cold cache cannot be made here")
+    return cold

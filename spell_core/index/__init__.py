@@ -10,7 +10,10 @@ described in ``search``. One module per concern:
   ``project_store``, ``cascade_basis``) and the bounds' tunables (``SLACK``, ``CELL_DIM``, ``CASCADE_*``).
 - ``cells``: range search in feature and subspace coordinates (``flat_torch``, ``ClusterCells``,
   ``annulus_rows``, ``kmeans``, ``nearest_centroid``, ``two_level_kmeans``, ``SubspaceCells``; optional faiss).
-- ``search``: ``ReferenceIndex`` (build, range search, save, load), ``resolve_backend``, ``BACKENDS``.
+- ``search``: ``ReferenceIndex`` (build, range search, save, load, warm), ``resolve_backend``, ``BACKENDS``.
+- ``pagecache``: the OS page cache under an index folder's files (``resident``, ``evict``, ``warm_files``: the
+  background read-ahead ``ReferenceIndex.warm`` starts, so the first search after a restart does not wait on
+  the disk).
 - ``building``: the streaming, resumable shard builder (``build_shards``, ``complete_shards``, ``shard_name``;
   ``shard_dtype``: shards store float32 or float16, ``SHARD_DTYPES``, and are read as float32) and the
   containment checks of an index folder (``shards_within``, ``folder_within``).

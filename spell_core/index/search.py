@@ -307,6 +307,18 @@ class ReferenceIndex:
             self._buf = buf = torch.empty(max(len(uk), 2048), self.store.dim)
         return self.store.get_sorted(uk.numpy(), buf)
 
+    def warm(self, also: Sequence[str | os.PathLike] = (), share: float | None = None):
+        """Starts reading the shards (after the files in ``also``, e.g. the folder's index.safetensors) into the
+        OS page cache in a background thread, if they all fit in share (default ``pagecache.WARM_SHARE``) of the
+        memory available; otherwise reads nothing. Returns the ``pagecache.Warmup`` (``summary()`` says which),
+        also kept as ``self.warmup``; None for latents held in memory. The process' own memory does not grow."""
+        from .pagecache import warm_files
+
+        if self.store.tensor is not None:
+            return None
+        self.warmup = warm_files([*also, *(s.path for s in self.store.shards)], share)
+        return self.warmup
+
     # ---- persistence ----
     def save(self, folder: str | os.PathLike) -> None:
         """Writes folder/index.safetensors (features, cells; no pickle); in-memory latents go to shards there."""

@@ -1,0 +1,88 @@
+"""Cold start: ReferenceIndex.warm reads an index folder's evicted shards back into the OS page cache in the
+background (checked with mincore), touches nothing when the folder is larger than its share of the memory
+available, and leaves the process' own memory where it was (the pages belong to the kernel's cache)."""
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spell_core.index import INDEX_FILE, ReferenceIndex, pagecache
+from spell_core.storage import save_latents
+from support import evict_or_skip
+
+SHAPE = (4, 8, 8)  # 1 kB a row
+ROWS = 16384  # per shard: 16 MB
+
+
+def rss_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """An index folder of 3 shards (48 MB), opened with load as the loader opens it."""
+    out = tmp_path_factory.mktemp("cold-index")
+    g = torch.Generator().manual_seed(0)
+    files = []
+    for j in range(3):
+        files.append(out / f"part-{j}.safetensors")
+        save_latents(files[-1], torch.randn(ROWS, *SHAPE, generator=g))
+    ReferenceIndex.build(files, backend="torch", dim=8).save(out)
+    return out
+
+
+def open_cold(folder):
+    """The folder loaded, then its shards evicted (index.safetensors stays mapped by the index: only its unmapped
+    pages can go)."""
+    index = ReferenceIndex.load(folder, within=folder)
+    shards = [s.path for s in index.store.shards]
+    evict_or_skip(shards, pagecache)
+    pagecache.evict([folder / INDEX_FILE])
+    return index, shards
+
+
+def test_warm_reads_evicted_shards_into_the_page_cache(folder):
+    index, shards = open_cold(folder)
+    assert len(shards) == 3
+    before = rss_kb()
+    w = index.warm(also=[folder / INDEX_FILE])
+    assert w is index.warmup and w.started, w.summary()
+    assert "read into the page cache in the background" in w.summary()
+    assert w.wait(60), "the read-ahead thread did not finish within 60 s"
+    assert w.error is None
+    assert w.bytes == sum(p.stat().st_size for p in shards) + (folder / INDEX_FILE).stat().st_size
+    for p in shards:
+        got, pages = pagecache.resident(p)
+        assert got >= 0.99 * pages, f"{p.name}: {got} of {pages} pages resident after the read-ahead"
+    # the pages are the kernel's: the process grew by far less than the 48 MB it read (one 8 MB buffer, freed)
+    assert rss_kb() - before < 12 * 1024
+    # what it read is what the searches read
+    x = index.get(torch.tensor([5, ROWS + 7, 3 * ROWS - 1])) + 0.01
+    assert {(int(i), int(k)) for i, k, _ in zip(*index.range_search(x, 0.05))} == {
+        (0, 5), (1, ROWS + 7), (2, 3 * ROWS - 1)}
+
+
+def test_warm_of_a_folder_over_the_limit_touches_nothing(folder):
+    index, shards = open_cold(folder)
+    cold = pagecache.resident_fraction(shards)
+    w = index.warm(share=1e-9)  # the limit: a billionth of the memory available, far below 48 MB
+    assert not w.started and w.thread is None and w.done
+    assert "not read ahead: more than" in w.summary() and "of memory available" in w.summary()
+    time.sleep(0.5)
+    assert pagecache.resident_fraction(shards) <= cold + 0.01
+    # the limit is share x MemAvailable, inclusive, whatever the machine reports
+    total = sum(p.stat().st_size for p in shards)
+    assert not pagecache.warm_files(shards, 0.5, available=2 * total - 2).started
+    on = pagecache.warm_files(shards, 0.5, available=2 * total)
+    assert on.started and on.wait(60)
+    assert pagecache.resident_fraction(shards) >= 0.99
+    off = pagecache.warm_files(shards, 0)
+    assert not off.started and "switched off" in off.summary()
+
+
+def test_in_memory_latents_have_nothing_to_warm():
+    assert ReferenceIndex.build(torch.randn(50, *SHAPE), backend="torch").warm() is None
