@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import evict_or_skip
 
 from spell_core.index import INDEX_FILE, ReferenceIndex, pagecache
 from spell_core.storage import save_latents
-from support import evict_or_skip
 
 SHAPE = (4, 8, 8)  # 1 kB a row
 ROWS = 16384  # per shard: 16 MB

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import folder_paths
 import torch
-
 from support import evict_or_skip
 
 
