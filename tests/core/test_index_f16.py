@@ -50,8 +50,8 @@ def test_float16_index_folder_matches_brute_force_on_the_stored_values(tmp_path)
     assert not torch.equal(zs, z)  # the rounding is real: a float32 brute force would be the wrong reference
     record = {"files": 1, "digest": "clustered", "settings": {"seed": 1}}
     out = tmp_path / "f16"
-    index, what = build_index_folder(lambda start: iter([z[start:]]), len(z), out, record, shard_size=256,
-                                     dtype="float16")
+    _, what = build_index_folder(lambda start: iter([z[start:]]), len(z), out, record, shard_size=256,
+                                 dtype="float16")
     assert what == "built"
     shards = sorted(out.glob("shard-*.safetensors"))
     assert len(shards) == 4 and {read_header(p)[0]["latents"]["dtype"] for p in shards} == {"F16"}
@@ -117,7 +117,7 @@ def test_truncated_float16_shard_is_rejected(tmp_path):
     z = clustered(200, 5)
     files = build_shards([z], tmp_path / "s", shard_size=100, dtype="float16")
     ReferenceIndex.build(files).save(tmp_path / "i")
-    header, start = read_header(files[1])
+    _, start = read_header(files[1])
     assert os.path.getsize(files[1]) == start + 2 * 100 * math.prod(SHAPE)
     with open(files[1], "r+b") as f:
         f.truncate(os.path.getsize(files[1]) - 1)
@@ -241,7 +241,8 @@ def test_cli_build_float16(tmp_path):
     for j in range(3):
         save_latents(src / f"part{j}.safetensors", z[30 * j:30 * j + 30])
     out = tmp_path / "out"
-    assert main(["build", "--latents-dir", str(src), "--out", str(out), "--shard-size", "40", "--dtype", "float16"]) == 0
+    assert main(["build", "--latents-dir", str(src), "--out", str(out), "--shard-size", "40",
+                 "--dtype", "float16"]) == 0
     index = ReferenceIndex.load(out)
     assert index.store.dtypes == ["float16"] * 3
     assert torch.equal(index.get(torch.arange(90)), halves(z))
