@@ -12,16 +12,6 @@ import torch
 
 from .features import CASCADE_ROUNDS, CASCADE_SPLIT, SLACK
 
-# The cascade's liveness test first bounds ‖q − c‖ from below with the leading PREFIX_DIMS subspace coordinates
-# of the query and the cell centre (plus the difference of the norms of the rest): a product with m of the 256
-# columns instead of all. A prefix is kept when at most PREFIX_SHARE of the (query, cell) pairs survive it (the
-# survivors then get the exact distance by direct differences); else the next, longer prefix is tried, and after
-# the last one the full product. Measured on 8 queries: one 256-dim float32 product with 107k centres took 26.8 ms
-# (single thread), 128 columns 11.8 ms, 32 columns 2.1 ms; 32 dims left 1.4x the live cells on demo latents, 128
-# dims 1.8x on the synthetic 4x32x32 latents, where 32 left half of all cells.
-PREFIX_DIMS = (32, 128)
-PREFIX_SHARE = 0.05
-
 try:  # optional
     import faiss
 except ImportError:  # pragma: no cover - exercised only where faiss is absent
@@ -193,11 +183,6 @@ class SubspaceCells:
         self.scale = float(self.s.max()) * 2 + 1 if len(self.s) else 1.0
         self.key = cell_of.double() + self.s.double() / self.scale
         self.scanned = 0
-        self.prefix = 0  # leading dimensions of the last liveness test (0: the full product), for tests
-        cpd = self.cp.double()
-        # per prefix m: ‖c[:m]‖² (float32, the product's constant) and ‖c[m:]‖ (float32) of every centre
-        self._heads = {m: (cpd[:, :m].pow(2).sum(1).float(), cpd[:, m:].pow(2).sum(1).sqrt().float())
-                       for m in PREFIX_DIMS if m < self.cp.shape[1]}
         # ‖p_z‖ ≤ ‖z − μ‖ ≤ this, for the float16 rounding slack of stage 2
         self.znorm_max = 0.0
         if self.p is not None:
@@ -284,39 +269,6 @@ class SubspaceCells:
         keep = d2 <= tt[i] ** 2
         return i[keep], pos[keep]
 
-    def _live(self, pq, rq2, pq2, e, reach2):
-        """Live (query, cell) pairs -> (qi, cell, ‖q − c‖² − e) for them; reach2 [B, C] the squared reach.
-
-        Prefix bounds (PREFIX_DIMS): with c in the subspace, ‖q − c‖² = ‖p[:m] − c[:m]‖² + ‖p[m:] − c[m:]‖² + ρ² ≥
-        ‖p[:m] − c[:m]‖² + (‖p[m:]‖ − ‖c[m:]‖)² + ρ², so a cell the bound rules out is dead. The product's float32
-        error is within e as for the full product (fewer terms); the norm term's within float32 rounding of the
-        same magnitudes, far below e. Survivors get the exact ‖p − c‖² by direct differences."""
-        mask = None
-        share = PREFIX_SHARE * reach2.numel()
-        for m, (head2, tail) in self._heads.items():
-            pm = pq[:, :m]
-            lb = torch.addmm(head2[None], pm.float(), self.cp[:, :m].T, alpha=-2)
-            lb.add_((pm.pow(2).sum(1) + rq2 - e).float()[:, None])
-            gap = pq[:, m:].pow(2).sum(1).sqrt().float()[:, None] - tail[None]
-            lb.add_(gap.mul_(gap))
-            ok = lb <= reach2
-            mask = ok if mask is None else mask.logical_and_(ok)
-            if int(mask.sum()) <= share:
-                self.prefix = m
-                qi, cell = torch.nonzero(mask, as_tuple=True)
-                pqf = pq.float()
-                d2 = torch.empty(len(qi))
-                for a in range(0, len(qi), 16384):
-                    diff = self.cp[cell[a:a + 16384]].sub_(pqf[qi[a:a + 16384]])
-                    d2[a:a + 16384] = diff.mul_(diff).sum(1)
-                d2.add_((rq2 - e).float()[qi])
-                keep = d2 <= reach2[qi, cell]
-                return qi[keep], cell[keep], d2[keep]
-        self.prefix = 0
-        d2 = torch.addmm(self.c2f[None], pq.float(), self.cp.T, alpha=-2).add_((pq2 + rq2 - e).float()[:, None])
-        qi, cell = torch.nonzero(d2 <= reach2 if mask is None else (d2 <= reach2).logical_and_(mask), as_tuple=True)
-        return qi, cell, d2[qi, cell]
-
     def annulus(self, x: torch.Tensor, t: torch.Tensor, sig: torch.Tensor):
         """Stage 1: rows inside the full-space annulus of a live cell -> (i, row position, p_q, ρ_q²)."""
         pq, rq2 = self.project(x)
@@ -327,16 +279,16 @@ class SubspaceCells:
         # Everything over all C centres stays float32 and in place (this pass is linear in C: at 1.2 M
         # references, 107k cells, it was 36 ms of float64 temporaries); float64 only for the live pairs.
         e = SLACK * (pq2 + rq2 + self.c2max)
+        d2 = torch.addmm(self.c2f[None], pq.float(), self.cp.T, alpha=-2).add_((pq2 + rq2 - e).float()[:, None])
         tt = (t + sig).double()
-        # live: ‖q − c‖ − t ≤ radius, i.e. (‖q − c‖² − e) ≤ (radius + t)²
+        # live: ‖q − c‖ − t ≤ radius, i.e. (‖q − c‖² − e) ≤ (radius + t)²  (d2 now holds ‖q − c‖² − e)
         reach = self.radius_f[None] + tt.float()[:, None]
-        reach2 = reach.mul_(reach).mul_(1 + 1e-6)
-        qi, cell, d2live = self._live(pq, rq2, pq2, e, reach2)
+        qi, cell = torch.nonzero(d2 <= reach.mul_(reach).mul_(1 + 1e-6), as_tuple=True)
         if len(qi) == 0:
             self.scanned = 0
             z = torch.zeros(0, dtype=torch.long)
             return z, z, pq, rq2
-        d2q = d2live.double() + e[qi]  # ‖q − c‖² as computed, for the live pairs only
+        d2q = d2[qi, cell].double() + e[qi]  # ‖q − c‖² as computed, for the live pairs only
         eq = e[qi]
         lo_c = (d2q - eq).clamp_min_(0).sqrt_()
         hi_c = (d2q + eq).sqrt_()

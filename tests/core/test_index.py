@@ -9,21 +9,10 @@ from hypothesis import given, settings, strategies as st
 from spell_core.index import (BACKENDS, ReferenceIndex, Shard, build_shards, faiss, main, pool_basis)
 from spell_core.repellency import flat32, rms_cdist
 from spell_core.storage import StorageError
+from support import assert_same, brute
 
 SHAPE = (2, 4, 4)
 EXACT = [b for b in BACKENDS if b != "auto" and (b != "faiss" or faiss is not None)]
-
-
-def brute(x, z, r):
-    """Reference answer: every (i, k) with rms_cdist < r, and the distances, sorted by (i, k)."""
-    d = rms_cdist(flat32(x), flat32(z))
-    i, k = torch.nonzero(d < r, as_tuple=True)
-    return i, k, d[i, k]
-
-
-def assert_same(got, want):
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), "pairs differ from brute force"
-    assert torch.equal(got[2], want[2]), "distances differ from rms_cdist"
 
 
 def clustered(n, g, centres=5, spread=0.3):
@@ -329,35 +318,3 @@ def test_get_from_shards_any_order(tmp_path):
     for k in ([5, 4, 3], [299, 0, 299, 64, 63], list(range(60, 140)), [7]):
         assert torch.equal(index.get(torch.tensor(k)), z[k])
     assert index.get(torch.zeros(0, dtype=torch.long)).shape == (0, *SHAPE)
-
-
-@pytest.mark.parametrize("share, used", [(1.0, 32), (1e-9, 0)])
-@pytest.mark.parametrize("scale", [1.0, 1e4])
-def test_cascade_prefix_liveness_is_exact(monkeypatch, share, used, scale):
-    """The liveness test's prefix lower bounds (PREFIX_DIMS of the 256 subspace coordinates plus the norm of the
-    rest): with every prefix accepted (share 1) or none (share ~0: the full product, masked by the prefixes),
-    the live cells contain every cell a true pair lies in, and the answers match brute force, also at radii
-    equal to a distance and one float above."""
-    from spell_core.index import cells
-
-    monkeypatch.setattr(cells, "PREFIX_SHARE", share)
-    g = torch.Generator().manual_seed(12)
-    shape = (4, 8, 8)  # 256 values: a 256-dim cell subspace, so both prefixes (32, 128) apply
-    c = torch.randn(30, *shape, generator=g)
-    z = (c[torch.randint(0, 30, (1500,), generator=g)] + 0.3 * torch.randn(1500, *shape, generator=g)) * scale
-    x = torch.cat([z[:10] + 0.1 * scale * torch.randn(10, *shape, generator=g),
-                   scale * torch.randn(2, *shape, generator=g)])
-    index = ReferenceIndex.build(z, backend="cascade", cells=150)
-    sub = index.subcells
-    assert sub.cp.shape[1] == 256 and set(sub._heads) == {32, 128}
-    d = rms_cdist(flat32(x), flat32(z))
-    for r in (0.05 * scale, 0.3 * scale, 1.0 * scale, float(d[3, 17]), float(torch.nextafter(d[3, 17], torch.tensor(math.inf)))):
-        assert_same(index.range_search(x, r), brute(x, z, r))
-        assert sub.prefix == used
-    # the cells holding a true pair are all live (the bound never drops one)
-    xf = flat32(x)
-    t = torch.full((len(x),), 0.3 * scale * math.sqrt(xf.shape[1]), dtype=torch.float64)
-    sig = torch.zeros(len(x), dtype=torch.float64)
-    i, pos, _, _ = sub.annulus(xf, t, sig)
-    true = {(a, b) for a, b in zip(*[v.tolist() for v in torch.nonzero(d < 0.3 * scale, as_tuple=True)])}
-    assert true and true <= set(zip(i.tolist(), index.order[pos].tolist()))
