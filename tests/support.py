@@ -1,4 +1,5 @@
-"""Small helpers shared by the browser, install and cold-start tests (tests/ is on sys.path: tests/conftest.py)."""
+"""Small helpers shared by the tests (tests/ is on sys.path: tests/conftest.py): ports, tools the set-up installs,
+filesystems and page-cache eviction, and the brute-force answer every exact range search must reproduce."""
 from __future__ import annotations
 
 import os
@@ -59,3 +60,22 @@ def evict_or_skip(files, pagecache) -> float:
         pytest.skip(f"POSIX_FADV_DONTNEED left {cold:.0%} of {files[0].parent} resident on this {kind} filesystem: a "
                     "cold cache cannot be made here")
     return cold
+
+
+def brute(x, z, r):
+    """Every (i, k) with rms_cdist(x_i, z_k) < r and those distances, sorted by (i, k): the answer an exact range
+    search (spell_core.index, every backend and engine) must give bit for bit."""
+    import torch
+
+    from spell_core.repellency import flat32, rms_cdist
+
+    d = rms_cdist(flat32(x), flat32(z))
+    i, k = torch.nonzero(d < r, as_tuple=True)
+    return i, k, d[i, k]
+
+
+def assert_same(got, want):
+    import torch
+
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), "pairs differ from brute force"
+    assert torch.equal(got[2], want[2]), "distances differ from rms_cdist"

@@ -14,17 +14,11 @@ import torch
 
 from spell_core.index import ReferenceIndex, main
 from spell_core.index.engine import ENGINE_FILE, EngineError, MilvusEngine, fingerprint, upload_folder
-from spell_core.repellency import flat32, rms_cdist
+from support import brute
 
 pytest.importorskip("pymilvus", reason="the engine's tests need pymilvus and milvus-lite (requirements-dev.txt)")
 
 SHAPE = (4, 8, 8)
-
-
-def brute(x, z, r):
-    d = rms_cdist(flat32(x), flat32(z))
-    i, k = torch.nonzero(d < r, as_tuple=True)
-    return i, k, d[i, k]
 
 
 def structured(n, seed=0, groups=40):

@@ -15,20 +15,10 @@ from spell_core.index import (BACKENDS, LatentStore, ReferenceIndex, Shard, buil
                               shard_dtype)
 from spell_core.repellency import flat32, rms_cdist
 from spell_core.storage import StorageError, save_latents
+from support import assert_same, brute
 
 SHAPE = (2, 4, 4)
 EXACT = [b for b in BACKENDS if b != "auto" and (b != "faiss" or faiss is not None)]
-
-
-def brute(x, z, r):
-    d = rms_cdist(flat32(x), flat32(z))
-    i, k = torch.nonzero(d < r, as_tuple=True)
-    return i, k, d[i, k]
-
-
-def assert_same(got, want):
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), "pairs differ from brute force"
-    assert torch.equal(got[2], want[2]), "distances differ from rms_cdist"
 
 
 def clustered(n, seed, centres=6, spread=0.3):
