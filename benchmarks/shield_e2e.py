@@ -173,6 +173,7 @@ def cold_start(args, name: str, folder: Path, r: float, reuse: float, seed: int,
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv  # the report names the command as it was run
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1_200_000)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (interleaved)")
