@@ -19,9 +19,6 @@ minus SPELL without references, over the 8 images. Writes docs/engine_e2e.md and
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -33,7 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.shield_e2e import BATCH, CFG, STEPS, augmented_digits, nearest_brute, rss_mb  # noqa: E402
+from benchmarks.shield_e2e import (BATCH, CFG, STEPS, augmented_digits, machine_facts, nearest_brute,  # noqa: E402
+                                   rss_mb, save)
 
 
 def main(argv=None) -> int:
@@ -166,13 +164,9 @@ def measure(args, argv, comfy, core, engine_mod, nodes, name, out_dir, bars, pro
                      "inside": inside[k], "images": BATCH * len(seeds), "same_as_local": same.get(k)})
     res = {"n": args.n, "r": r, "upload_s": round(upload_s, 1), "db_mb": round(db_mb, 1),
            "load_engine_s": round(load_engine_s, 2), "load_local_s": round(load_local_s, 2), "summary": summary,
-           "rows": rows, "rss_mb": rss_mb(), "loadavg": Path("/proc/loadavg").read_text().split()[:3],
-           "threads": torch.get_num_threads(),
-           "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+           "rows": rows, "rss_mb": rss_mb(), **machine_facts(),
            "total_s": round(time.time() - t_all, 1)}
-    Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    Path(args.out).write_text(report(res, argv))
-    print(report(res, argv))
+    save(res, args.out, report(res, argv))
     return 0
 
 

@@ -2,7 +2,7 @@
 and the lower-bound feature stage alone at millions of references.
 
     .venv/bin/python -m benchmarks.index_realres [--sd15 25000 50000 100000] [--sdxl 6250 12500 25000]
-        [--features 1200000 10000000] [--work /work/scratch/realres] [--dry-run]
+        [--features 1200000 10000000] [--work ../spell-scratch/realres] [--dry-run]
 
 References (``ImageLike``): per channel, a band-limited field in the orthonormal 2-D DCT basis (frequencies u, v below
 half the latent's Nyquist, H/2 x W/2 coefficients) with a natural-image amplitude spectrum 1 / (1 + sqrt(u² + v²)),
@@ -50,8 +50,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT.parent / "spell-scratch" / "realres"  # beside the pack's folder: gigabytes, never in the repository
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.index_bench import pair_dist, rss  # noqa: E402
 from spell_core.index import ReferenceIndex, build_shards
 from spell_core.index.cells import faiss, flat_torch
 from spell_core.index.features import SLACK, Features, pca_basis
@@ -186,16 +188,6 @@ def trajectory(synth: ImageLike, refs, steps: int, batch: int, near: int, r: flo
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def rss() -> dict:
-    """Resident memory in MB from /proc/self/status (VmHWM: peak)."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, *v = line.split()
-        if key in ("VmRSS:", "RssAnon:", "RssFile:", "VmHWM:"):
-            out[key[:-1]] = round(int(v[0]) / 1024, 1)
-    return out
-
-
 def loadavg() -> list[str]:
     return Path("/proc/loadavg").read_text().split()[:3]
 
@@ -229,15 +221,6 @@ def shard_rows(shape: tuple) -> int:
 
 def case_dir(work: Path, kind: str, n: int, seed: int) -> Path:
     return work / (f"{kind}_n{n}" + (f"_s{seed}" if seed else ""))
-
-
-def pair_dist(xf: torch.Tensor, i: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """rms_cdist(xf[i_p], z_p) for each pair p, one rms_cdist call per distinct query (as the index rechecks)."""
-    d = torch.empty(len(i))
-    for q in torch.unique(i).tolist():
-        sel = torch.nonzero(i == q).flatten()
-        d[sel] = rms_cdist(xf[q:q + 1], z[sel])[0]
-    return d
 
 
 def brute_force(index: ReferenceIndex, x: torch.Tensor, r: float, chunk_bytes: int = 128 << 20) -> set:
@@ -661,7 +644,7 @@ def estimate(c: dict, args) -> float:
 
 def describe_plan(cases, args) -> str:
     free = shutil.disk_usage(Path(args.work) if Path(args.work).exists() else Path(args.work).parent).free
-    lines = [f"free disk under {args.work}: {free / 1e9:.1f} GB"]
+    lines = [f"free disk under the --work folder: {free / 1e9:.1f} GB"]
     for name, shape in SHAPES.items():
         per = 2 * math.prod(shape) + INDEX_BYTES_PER_ROW
         lines.append(f"  {name} {shape}: float16 {2 * math.prod(shape) / 1024:.0f} KiB per latent + ~{INDEX_BYTES_PER_ROW} B "
@@ -755,7 +738,7 @@ def main(argv=None) -> int:
                     help="N for the feature stage alone")
     ap.add_argument("--feature-shape", choices=sorted(SHAPES), default="sd15", help="latents the features stand for")
     ap.add_argument("--feature-backends", nargs="+", default=["torch", "faiss"], choices=["torch", "faiss"])
-    ap.add_argument("--work", default="/work/scratch/realres", help="build folder, outside the repository; reused")
+    ap.add_argument("--work", default=str(WORK), help="build folder, outside the repository; reused")
     ap.add_argument("--out", default=str(ROOT / "docs" / "index_realres.md"))
     ap.add_argument("--r", type=float, default=0.15, help="shield radius (RMS)")
     ap.add_argument("--steps", type=int, default=20)
@@ -781,7 +764,7 @@ def main(argv=None) -> int:
         return 0
     work = Path(args.work).resolve()
     if work == ROOT or ROOT in work.parents:
-        ap.error(f"--work {work} is inside the repository: give a folder outside it (default /work/scratch/realres)")
+        ap.error(f"--work {work} is inside the repository: give a folder outside it (default {WORK})")
     if not 0 < args.near <= args.batch:
         ap.error("--near must be in 1..--batch")
     work.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,19 @@ def nearest_brute(x: torch.Tensor, index, chunk: int = 65536) -> torch.Tensor:
     return best
 
 
+def machine_facts() -> dict:
+    """Load average now, torch threads and the machine, for a report's first line."""
+    return {"loadavg": Path("/proc/loadavg").read_text().split()[:3], "threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"}
+
+
+def save(res: dict, out: str, text: str) -> None:
+    """Writes the raw numbers beside the report (out with .json) and the report, and prints it."""
+    Path(out).with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    Path(out).write_text(text)
+    print(text)
+
+
 def rss_mb() -> dict:
     out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -299,13 +312,10 @@ def main(argv=None) -> int:
         "per_step_no_reuse_ms": 1000 * (rows[2]["median_s"] - plain_row["median_s"]) / STEPS,
         "default": shield_default, "first_run_s": round(first_run_s, 3),
         "first_to_warm": first_run_s / shield_row["median_s"], "report_s": round(report_s, 3), "cold": cold,
-        "loadavg": Path("/proc/loadavg").read_text().split()[:3], "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        **machine_facts(),
         "total_s": round(time.time() - t_all, 1),
     }
-    Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    Path(args.out).write_text(report(res, argv))
-    print(report(res, argv))
+    save(res, args.out, report(res, argv))
     return 0
 
 
