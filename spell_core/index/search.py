@@ -341,6 +341,7 @@ class ReferenceIndex:
             tensors.update(self.subcells.tensors(), order=self.order)
         meta = {"format": INDEX_FORMAT, "backend": self.backend, "item_shape": json.dumps(self.item_shape),
                 "shards": json.dumps(files), "rows": json.dumps(rows),
+                "dtypes": json.dumps(["float32"] * len(files) if self.store.tensor is not None else self.store.dtypes),
                 "znorm_max": repr(self.znorm_max), "meta": json.dumps(self.meta)}
         atomic_save({k: v.contiguous() for k, v in tensors.items()}, folder / INDEX_FILE, meta)
 
@@ -374,6 +375,11 @@ class ReferenceIndex:
         store = LatentStore.from_files(files)
         if store.item_shape != item_shape or [len(s) for s in store.shards] != json.loads(meta["rows"]):
             raise StorageError(f"shards under {folder} do not match the index (rows or item shape changed)")
+        # the features were computed from the stored values: shards rewritten in another dtype are other values
+        # (indexes saved before dtypes were recorded hold float32 shards)
+        if store.dtypes != json.loads(meta.get("dtypes", json.dumps(["float32"] * len(store.shards)))):
+            raise StorageError(f"shards under {folder} do not match the index (stored as {store.dtypes}, indexed "
+                               f"as {json.loads(meta.get('dtypes', '[]')) or 'float32'}); rebuild the index")
         saved = meta["backend"]
         cells = order = subcells = None
         if "centroids" in t:

@@ -240,3 +240,30 @@ def test_cli_build_float16(tmp_path):
     assert_same(index.range_search(x, 0.35), brute(x, halves(z), 0.35))
     with pytest.raises(SystemExit):
         main(["build", "--latents-dir", str(src), "--out", str(tmp_path / "o2"), "--dtype", "bfloat16"])
+
+
+def test_shards_rewritten_in_another_dtype_refuse_their_index(tmp_path):
+    """The index records its shards' dtypes: shards rewritten in the other dtype under an existing index (other
+    stored values than its features were computed from) are refused at load; an index saved without the record
+    (before dtypes were recorded: float32 shards) still opens."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    z = clustered(300, 8)
+    folder = tmp_path / "set"
+    files = build_shards([z], folder, shard_size=100)
+    ReferenceIndex.build(files, dim=4).save(folder)
+    assert json.loads(read_header(folder / "index.safetensors")[0]["__metadata__"]["dtypes"]) == ["float32"] * 3
+    ReferenceIndex.load(folder)
+    index_file = folder / "index.safetensors"
+    meta = read_header(index_file)[0]["__metadata__"]
+    old = {k: v for k, v in meta.items() if k != "dtypes"}
+    save_file(load_file(str(index_file)), str(index_file), metadata=old)  # as an older pack wrote it
+    assert len(ReferenceIndex.load(folder)) == 300
+    save_file(load_file(str(index_file)), str(index_file), metadata=meta)
+    build_shards([z], tmp_path / "half", shard_size=100, dtype="float16")
+    for f in files:  # raw shard rewrite in float16 under the existing index
+        (tmp_path / "half" / f.name).replace(f)
+    with pytest.raises(StorageError, match="stored as .*float16.*rebuild the index"):
+        ReferenceIndex.load(folder)
