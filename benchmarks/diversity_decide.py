@@ -4,12 +4,14 @@
     python -m benchmarks.diversity_decide --batch 4
     python -m benchmarks.diversity_decide --report         # docs/diversity_decide.md from the two result files
     python -m benchmarks.diversity_decide --batch 8 --quick  # smoke run (2 prompts, 2 seeds, 3 methods)
+    python -m benchmarks.diversity_decide --batch 8 --quick --methods "SPELL features" --out /tmp/fd_smoke
 
 Through ComfyUI's real sampler (``nodes.common_ksampler``) on the embedded demo model: the 11 prompts ("any digit",
 "0" ... "9"), the same seeds for every method (paired comparisons), euler / normal, 20 steps, CFG 4, negative
 "(empty)". Methods: the baseline; SPELL in-batch mutual with the absolute radius (the paper's) and with the
 adaptive batch radius (``batch_radius_scale``); the peers of ``benchmarks/peers.py`` over their knobs (guidance
-limited to an interval, CADS, Particle Guidance); SPELL's adaptive radius combined with the interval limiter.
+limited to an interval, CADS, Particle Guidance); SPELL's adaptive radius combined with the interval limiter;
+SPELL with the in-batch push in the features of a second digit network (``demo/feature_net.py``, not the judge).
 
 Metrics on the demo evaluator's 64-d features (``demo/evaluator.py``; the generator never saw it) against the
 held-out real digits (all 360 for "any digit", the prompt's class otherwise): Vendi of each batch (mean over the
@@ -42,7 +44,8 @@ BOOT = 300
 LAM = 1.6
 SIGMA_LO = 0.28  # the interval's lower end, as in docs/spell_benchmark.md
 
-# (name, knob, recipe): recipe = dict(r=absolute radius, scale=adaptive batch radius, interval=σ_hi, cads=s, pg=w)
+# (name, knob, recipe): recipe = dict(r=absolute radius, scale=adaptive batch radius, end=SPELL's end_percent,
+# lam=λ (default LAM), interval=σ_hi, cads=s, pg=w, features=True: the in-batch push in the demo feature net's space)
 METHODS = [
     ("baseline", None, {}),
     ("SPELL absolute r", 0.25, dict(r=0.25, scale=0.0)),
@@ -67,6 +70,32 @@ METHODS = [
     ("SPELL adaptive 1.3 + interval", 2.0, dict(scale=1.3, interval=2.0)),
     ("SPELL adaptive 1.3 + interval", 1.0, dict(scale=1.3, interval=1.0)),
     ("SPELL adaptive 1.1 + interval", 0.5, dict(scale=1.1, interval=0.5)),
+    # the push switched off for the last part of the schedule (end_percent), and SPELL at low scales on top of
+    # the interval
+    ("SPELL adaptive (until 80 %)", 1.05, dict(scale=1.05, end=0.8)),
+    ("SPELL adaptive (until 80 %)", 1.1, dict(scale=1.1, end=0.8)),
+    ("SPELL adaptive (until 60 %)", 1.1, dict(scale=1.1, end=0.6)),
+    ("SPELL adaptive (until 60 %)", 1.2, dict(scale=1.2, end=0.6)),
+    ("SPELL adaptive 1.0 + interval", 2.0, dict(scale=1.0, interval=2.0)),
+    ("SPELL adaptive 1.05 + interval", 2.0, dict(scale=1.05, interval=2.0)),
+    ("SPELL adaptive 1.0 + interval", 1.0, dict(scale=1.0, interval=1.0)),
+    ("SPELL adaptive (until 60 %)", 1.15, dict(scale=1.15, end=0.6)),
+    ("SPELL adaptive (until 70 %)", 1.1, dict(scale=1.1, end=0.7)),
+    ("SPELL adaptive (until 50 %)", 1.2, dict(scale=1.2, end=0.5)),
+    ("SPELL adaptive (until 40 %)", 1.2, dict(scale=1.2, end=0.4)),
+    ("SPELL adaptive (until 60 %) 1.1 + interval", 2.0, dict(scale=1.1, end=0.6, interval=2.0)),
+    ("SPELL adaptive (until 60 %) 1.1 + interval", 1.0, dict(scale=1.1, end=0.6, interval=1.0)),
+    ("SPELL adaptive (until 60 %) 1.2 + interval", 2.0, dict(scale=1.2, end=0.6, interval=2.0)),
+    ("SPELL adaptive (until 60 %) 1.2 + interval", 1.0, dict(scale=1.2, end=0.6, interval=1.0)),
+    # the in-batch push in the features of a second digit network through the decoder (issue 12 item 4): the same
+    # radius rule on the features' own spacing. Scales 1.0-1.5 barely act there (4 prompts x 4 seeds, batch 8:
+    # Vendi +0.001 to +0.024 against +0.057 for the latent push at 1.05): each Gauss-Newton move is small in latent
+    # terms, so the swept scales are higher
+    ("SPELL features", 2.0, dict(scale=2.0, features=True)),
+    ("SPELL features", 2.5, dict(scale=2.5, features=True)),
+    ("SPELL features", 3.0, dict(scale=3.0, features=True)),
+    ("SPELL features (until 60 %)", 2.5, dict(scale=2.5, features=True, end=0.6)),
+    ("SPELL features (until 60 %)", 3.0, dict(scale=3.0, features=True, end=0.6)),
 ]
 PEERS = ("Interval guidance", "CADS", "Particle Guidance")
 
@@ -87,9 +116,18 @@ def build(bench, recipe: dict):
     if "pg" in recipe:
         model = patch_particle_guidance(model, recipe["pg"])
     if "scale" in recipe:
-        model = bench.M["SpellRepellency"]().patch(model, recipe.get("r", 0.5), LAM, "mutual", 0.0, 1.0, True,
-                                                   batch_radius_scale=recipe["scale"])[0]
+        extra = dict(features=demo_features()) if recipe.get("features") else {}
+        model = bench.M["SpellRepellency"]().patch(model, recipe.get("r", 0.5), recipe.get("lam", LAM), "mutual", 0.0, recipe.get("end", 1.0), True,
+                                                   batch_radius_scale=recipe["scale"], **extra)[0]
     return model
+
+
+def demo_features():
+    """φ for the feature-space push: demo latents (= model space, ToyLatent has scale 1) -> the demo feature
+    network's features (``demo.feature_net``; trained on the training split only, not the evaluator)."""
+    from demo.feature_net import latent_features, load_feature_net
+
+    return latent_features(load_feature_net())
 
 
 def per_batch_features(bench, prompt, model, seeds, batch):
@@ -194,10 +232,19 @@ def run(args) -> None:
     prompts, seeds, methods = PROMPTS, SEEDS, METHODS
     if args.quick:
         prompts, seeds, methods = ["any digit", "3"], SEEDS[:2], [METHODS[0], METHODS[5], METHODS[9]]
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / (f"batch{args.batch}" + ("_quick" if args.quick else "") + ".json")
+    if args.methods:
+        unknown = set(args.methods) - {m for m, _, _ in METHODS}
+        if unknown:
+            raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {sorted({m for m, _, _ in METHODS})}")
+        methods = methods + [m for m in METHODS if m[0] in args.methods and m not in methods]
+    out = Path(args.out) if args.out else OUT
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (f"batch{args.batch}" + ("_quick" if args.quick else "") + ".json")
     R = json.loads(path.read_text()) if path.exists() else dict(results=[])
-    R.update(command=f"python -m benchmarks.diversity_decide --batch {args.batch}" + (" --quick" if args.quick else ""),
+    command = (f"python -m benchmarks.diversity_decide --batch {args.batch}" + (" --quick" if args.quick else "")
+               + ("".join(f' --methods "{m}"' for m in args.methods) if args.methods else "")
+               + (f" --out {args.out}" if args.out else ""))
+    R.update(command=command,
              batch=args.batch, prompts=prompts, seeds=seeds, boot=BOOT, lam=LAM, sigma_lo=SIGMA_LO,
              machine=f"{platform.machine()}, {os.cpu_count()} cores visible, torch {torch.__version__}, 1 thread, "
                      f"Python {platform.python_version()}")
@@ -329,6 +376,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, help="batch size to run (8 or 4; one per process)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 prompts, 2 seeds, 3 methods")
+    ap.add_argument("--methods", nargs="+", metavar="NAME", help="also run these methods (names of METHODS, every "
+                    "knob), e.g. \"SPELL features\"; with --quick, added to the smoke set")
+    ap.add_argument("--out", help=f"folder for the result files (default {OUT.relative_to(ROOT)})")
     ap.add_argument("--report", action="store_true", help="write docs/diversity_decide.md from the result files")
     args = ap.parse_args()
     if args.report:

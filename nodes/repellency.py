@@ -90,9 +90,11 @@ class SpellRepellency:
         }
 
     def patch(self, model, radius, overcompensation, in_batch, start_percent, end_percent, enforce_shield,
-              references=None, memory=None, batch_radius_scale=BATCH_SCALE_DEFAULT, *, shield_reuse=SHIELD_REUSE):
-        """``shield_reuse`` (not a widget; for scripts and benchmarks): 0 searches the static references at
-        every model call."""
+              references=None, memory=None, batch_radius_scale=BATCH_SCALE_DEFAULT, *, shield_reuse=SHIELD_REUSE,
+              features=None):
+        """Not widgets, for scripts and benchmarks: ``shield_reuse`` 0 searches the static references at every
+        model call; ``features`` (a differentiable map x̂0 [B, ...] in model space -> [B, F], image by image) makes
+        the images of a batch repel each other in that feature space (``spell_core.feature_push``)."""
         check_numbers(self.NODE_ID, radius=radius, overcompensation=overcompensation, start_percent=start_percent,
                       end_percent=end_percent, batch_radius_scale=batch_radius_scale)
         if not radius > 0:
@@ -101,6 +103,9 @@ class SpellRepellency:
             raise SpellInputError(self.NODE_ID, f"start_percent ({start_percent}) must be below end_percent ({end_percent}).")
         if references is not None and len(references) == 0:
             raise SpellInputError(self.NODE_ID, "the protected set is empty; connect a loader with images or latents.")
+        if features is not None and not batch_radius_scale > 0:
+            raise SpellInputError(self.NODE_ID, "a feature-space push needs batch_radius_scale > 0 (the adaptive "
+                                                "radius; r is in latent units, not the features').")
         key = f"spell_{uuid.uuid4().hex[:8]}"
         history = RunHistory()
         patched = model.clone()
@@ -114,7 +119,8 @@ class SpellRepellency:
             config = SpellConfig(radius, overcompensation, in_batch, float(sampling.percent_to_sigma(start_percent)),
                                  float(sampling.percent_to_sigma(end_percent)), enforce_shield,
                                  batch_scale=batch_radius_scale, reuse=shield_reuse)
-            run = SpellRun(config, static_references(self.NODE_ID, base, noise.shape, references, memory), noise.shape)
+            run = SpellRun(config, static_references(self.NODE_ID, base, noise.shape, references, memory), noise.shape,
+                           features=features)
             guider.model_options.setdefault("transformer_options", {})[key] = run
             complete = float(sigmas[-1]) == 0  # read first: uni_pc overwrites sigmas[-1] in place
             out = executor(*args, **kwargs)

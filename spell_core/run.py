@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .feature_push import Features, feature_push
 from .repellency import (IN_BATCH_MODES, flat32, in_batch_mask, nearest, repellency, repellency_weights, rms_cdist,
                          sparse_push)
 from .shield import Shield, StepReuse
@@ -53,7 +54,8 @@ class SpellConfig:
 
 @dataclass
 class StepRecord:
-    """One model call: σ, references pushing each image, ||Δ|| / ||x̂0 − x_t|| per image, the in-batch radius."""
+    """One model call: σ, references pushing each image, ||Δ|| / ||x̂0 − x_t|| per image, the in-batch radius
+    (in feature units when SpellRun has features)."""
 
     sigma: float
     active_pairs: list[int]
@@ -107,10 +109,22 @@ class SpellRun:
     """Sparse repellency over one sampling run.
 
     shield: the protected set and batch memory in model space (``shield.Shield``; may be empty).
+    features: None = the images of the batch repel each other in model space; a differentiable map φ: x̂0
+    [B, ...] -> [B, F] = they repel each other in its feature space (``feature_push``: SPELL on φ(x̂0) within the
+    adaptive radius of the features' own spacing, carried back by one Gauss–Newton step). The protected set and
+    the memory always repel in model space within r.
     """
 
-    def __init__(self, config: SpellConfig, shield: Shield | None, sample_shape: tuple):
+    def __init__(self, config: SpellConfig, shield: Shield | None, sample_shape: tuple,
+                 features: Features | None = None):
+        if features is not None and not callable(features):
+            raise ValueError(f"features must be a callable x̂0 [B, ...] -> [B, F] or None, "
+                             f"got {type(features).__name__}")
+        if features is not None and config.batch_scale == 0:
+            raise ValueError("a feature-space in-batch push needs the adaptive batch radius (batch_scale > 0): the "
+                             "absolute radius r is in the model's units, not the features'")
         self.config = config
+        self.features = features
         self.sample_shape = tuple(sample_shape)
         self.shield = shield if shield is not None else Shield([])
         self.log = RunLog(batch=self.sample_shape[0], n_static=len(self.shield), r=config.r)
@@ -141,7 +155,10 @@ class SpellRun:
         delta, active = self.static_push(x0)
         mask = in_batch_mask(x0.shape[0], cfg.in_batch, x0.device)
         r_b = math.nan
-        if mask is not None:
+        if mask is not None and self.features is not None:
+            d_b, a_b, r_b = feature_push(self.features, x0, cfg.lam, mask, self.in_batch_radius)
+            delta, active = delta + d_b, active + a_b
+        elif mask is not None:
             xf = flat32(x0)
             d = rms_cdist(xf, xf)  # one distance matrix for the batch radius and the push
             r_b = self.in_batch_radius(x0, d)
@@ -155,7 +172,8 @@ class SpellRun:
 
     def in_batch_radius(self, x0: torch.Tensor, d: torch.Tensor | None = None) -> float:
         """The radius within which the images of the batch repel each other at this model call: r, or with
-        batch_scale > 0 ``batch_radius(x0, batch_scale, d)`` capped by its value at the run's earlier calls."""
+        batch_scale > 0 ``batch_radius(x0, batch_scale, d)`` capped by its value at the run's earlier calls
+        (with ``features``: x0 and d are the features and their distances, the cap is in feature units)."""
         if self.config.batch_scale == 0:
             return self.config.r
         self.batch_r = min(self.batch_r, batch_radius(x0, self.config.batch_scale, d))

@@ -179,3 +179,29 @@ def test_adaptive_batch_radius_by_default(comfy):
     assert max(radii[-1], radii[0]) != 0.5  # not the absolute radius
     report = comfy.NODE_CLASS_MAPPINGS["SpellReport"]().report(patched, {"samples": out})["result"][0]
     assert "in-batch radius (adaptive)" in report
+
+
+def test_feature_space_push_through_the_node(comfy):
+    """``features`` (a keyword of the patch, not a widget): the batch repels in the demo feature network's space,
+    through ComfyUI's KSampler: its images end farther apart in those features than without SPELL, the logged
+    radius is in feature units and never grows; the absolute radius (scale 0) is refused."""
+    from demo.feature_net import latent_features, load_feature_net
+    from spell_core.repellency import rms_cdist
+
+    phi = latent_features(load_feature_net())
+    loader = comfy.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]()
+    model, _, prompts = loader.load()
+    enc = comfy.NODE_CLASS_MAPPINGS["SpellDemoClassPrompt"]()
+    pos, neg = enc.encode(prompts, "any digit")[0], enc.encode(prompts, "(empty)")[0]
+    node = comfy.NODE_CLASS_MAPPINGS["SpellRepellency"]()
+    patched = node.patch(model, 0.5, 1.6, "mutual", 0.0, 1.0, True, batch_radius_scale=3.0, features=phi)[0]
+    base = sample(comfy, model, (pos, neg), 8, steps=20)
+    out = sample(comfy, patched, (pos, neg), 8, steps=20)
+    mask = ~torch.eye(8, dtype=torch.bool)
+    spacing = lambda x: rms_cdist(phi(x).detach(), phi(x).detach()).masked_fill(~mask, float("inf")).min(1).values
+    assert spacing(out).median() > spacing(base).median()
+    log = last_log(patched)
+    radii = [s.batch_r for s in log.steps]
+    assert radii == sorted(radii, reverse=True) and log.active_share() > 0
+    with pytest.raises(ValueError, match="SpellRepellency: a feature-space push needs batch_radius_scale > 0"):
+        node.patch(model, 0.5, 1.6, "mutual", 0.0, 1.0, True, batch_radius_scale=0.0, features=phi)

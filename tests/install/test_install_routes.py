@@ -37,7 +37,8 @@ RUN_TIMEOUT_S = 300
 # comfy node pack must leave these out, and must keep these in (paths inside the archive).
 NOT_SHIPPED = ("tests/", "docs/", "benchmarks/", "scripts/", "tools/", ".ci/", "run/", ".venv/",
                "requirements-dev.txt", "demo/train.py", "demo/train_fair_lora.py",
-               "demo/weights/demo_evaluator.safetensors")
+               "demo/weights/demo_evaluator.safetensors", "demo/feature_net.py", "demo/train_feature_net.py",
+               "demo/weights/demo_feature_net.safetensors")
 SHIPPED = ("__init__.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE",
            "demo/__init__.py", "demo/model.py", "demo/data.py", "demo/example_inputs.py",
            "demo/weights/demo_model.safetensors", "demo/weights/demo_digits.safetensors",
