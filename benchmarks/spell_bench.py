@@ -85,7 +85,8 @@ class Bench:
 
     def spell(self, r, in_batch="mutual", enforce=True, references=None, memory=None, model=None):
         return self.M["SpellRepellency"]().patch(model or self.model, r, LAM, in_batch, 0.0, 1.0, enforce,
-                                                references=references, memory=memory, batch_radius_scale=0.0)[0]
+                                                references=references, memory=memory, batch_radius_scale=0.0,
+                                                batch_end_percent=1.0)[0]
 
     def t_of(self, sigma: float) -> float:
         from benchmarks.peers import normalised_time

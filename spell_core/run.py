@@ -27,7 +27,10 @@ class SpellConfig:
     images of a batch repel each other within r (the paper's SPELL), > 0 = within the batch radius
     ``batch_radius`` (a multiple of the batch's own spacing) while r stays the radius of the protected set
     and the memory; reuse: 0 = search the static references at every model call, > 0 = reuse one search at
-    r·(1 + reuse) until an image's x̂0 has moved r·reuse (``shield.StepReuse``; exact)."""
+    r·(1 + reuse) until an image's x̂0 has moved r·reuse (``shield.StepReuse``; exact); batch_sigma_end: the
+    images of a batch repel each other only while σ ≥ batch_sigma_end (and inside the window), so the last
+    steps refine each image undisturbed (0: until the end, the paper's SPELL); the protected set and the
+    memory push in the whole window."""
 
     r: float
     lam: float = 1.6
@@ -38,6 +41,7 @@ class SpellConfig:
     margin: float = 1e-4
     batch_scale: float = 0.0
     reuse: float = 0.0
+    batch_sigma_end: float = 0.0
 
     def __post_init__(self):
         if not (self.r > 0 and math.isfinite(self.r)):
@@ -46,6 +50,8 @@ class SpellConfig:
             raise ValueError(f"overcompensation must be a finite number ≥ 0, got {self.lam}")
         if not (self.reuse >= 0 and math.isfinite(self.reuse)):
             raise ValueError(f"reuse must be a finite number ≥ 0, got {self.reuse}")
+        if not self.batch_sigma_end >= 0:
+            raise ValueError(f"batch_sigma_end must be a number ≥ 0, got {self.batch_sigma_end}")
         if not (self.batch_scale >= 0 and math.isfinite(self.batch_scale)):
             raise ValueError(f"batch radius scale must be a finite number ≥ 0, got {self.batch_scale}")
         if self.in_batch not in IN_BATCH_MODES:
@@ -153,7 +159,7 @@ class SpellRun:
             return x0
         cfg = self.config
         delta, active = self.static_push(x0)
-        mask = in_batch_mask(x0.shape[0], cfg.in_batch, x0.device)
+        mask = in_batch_mask(x0.shape[0], cfg.in_batch, x0.device) if s >= cfg.batch_sigma_end else None
         r_b = math.nan
         if mask is not None and self.features is not None:
             d_b, a_b, r_b = feature_push(self.features, x0, cfg.lam, mask, self.in_batch_radius)

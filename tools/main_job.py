@@ -31,11 +31,12 @@ ROOT = comfy_host.PACK_DIR
 MEMORY_RUNS = 3
 SWEEP_SEEDS = tuple(range(42, 50))
 SWEEP_SETTINGS = {  # label -> SpellRepellency inputs changed from the shipped diversity example
-    "adaptive 1.05": dict(batch_radius_scale=1.05),
-    "adaptive 1.1": dict(batch_radius_scale=1.1),
-    "adaptive 1.2": dict(batch_radius_scale=1.2),
-    "absolute r 0.5": dict(batch_radius_scale=0.0, radius=0.5),
-    "absolute r 0.7": dict(batch_radius_scale=0.0, radius=0.7),
+    "adaptive 1.1 until 60 % (the defaults)": dict(),
+    "adaptive 1.2 until 60 %": dict(batch_radius_scale=1.2),
+    "adaptive 1.05 until the end (earlier default)": dict(batch_radius_scale=1.05, batch_end_percent=1.0),
+    "adaptive 1.1 until the end": dict(batch_radius_scale=1.1, batch_end_percent=1.0),
+    "absolute r 0.5 until the end": dict(batch_radius_scale=0.0, radius=0.5, batch_end_percent=1.0),
+    "absolute r 0.7 until the end": dict(batch_radius_scale=0.0, radius=0.7, batch_end_percent=1.0),
 }
 
 
@@ -127,6 +128,8 @@ def spell_label(inputs: dict) -> str:
          else f"SPELL r = {inputs['radius']:g}, {inputs['in_batch']}")
     if inputs["start_percent"] > 0 or inputs["end_percent"] < 1:
         s += f", steps {inputs['start_percent']:g}-{inputs['end_percent']:g}"
+    if inputs["in_batch"] != "off" and inputs.get("batch_end_percent", 1.0) < 1:
+        s += f", batch push until {inputs['batch_end_percent']:.0%}"
     return s
 
 
@@ -166,7 +169,9 @@ class Figure:
                 y += TITLE_H
                 continue
             _, label, note, tiles, captions, colours = it
-            draw.text((GAP * 3, y + TILE // 2 - 16), label, fill=INK, font=self.font)
+            lines = wrap(draw, label, self.font, LABEL_W - GAP * 5)  # long setting names take more lines, upward
+            for n, line in enumerate(lines):
+                draw.text((GAP * 3, y + TILE // 2 - 16 - 15 * (len(lines) - 1 - n)), line, fill=INK, font=self.font)
             draw.text((GAP * 3, y + TILE // 2 + 2), note, fill=GREY, font=self.font)
             for j, (img, cap, colour) in enumerate(zip(tiles, captions, colours)):
                 x = LABEL_W + j * (TILE + GAP)
@@ -176,6 +181,18 @@ class Figure:
                 draw.text((x + (TILE - w) / 2, y + TILE + 1), cap, fill=colour, font=self.font)
             y += row_h
         canvas.save(path)
+
+
+def wrap(draw, text: str, font, width: float) -> list[str]:
+    """text broken at spaces into lines no wider than width (a single longer word keeps its own line)."""
+    lines = [""]
+    for word in text.split(" "):
+        trial = f"{lines[-1]} {word}".strip()
+        if lines[-1] and draw.textlength(trial, font=font) > width:
+            lines.append(word)
+        else:
+            lines[-1] = trial
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ examples

@@ -28,7 +28,7 @@ COMMON = {
 }
 SAMPLER = {"seed": 42, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
 SPELL = {"radius": 0.5, "overcompensation": 1.6, "in_batch": "mutual", "start_percent": 0.0, "end_percent": 1.0,
-         "enforce_shield": True, "batch_radius_scale": 1.05}
+         "enforce_shield": True, "batch_radius_scale": 1.1, "batch_end_percent": 0.6}
 # The diversity example at the node's defaults (the adaptive in-batch radius), seed chosen over 8 seeds
 # (docs/diversity_example.md, `python -m tools.main_job --sweep`).
 SPELL_DIVERSITY = dict(SPELL)

@@ -70,3 +70,28 @@ def test_the_protected_set_keeps_the_absolute_radius():
 def test_bad_scale_is_refused(bad):
     with pytest.raises(ValueError, match="batch radius scale"):
         SpellConfig(r=0.5, batch_scale=bad)
+
+
+def test_the_batch_push_stops_at_batch_sigma_end_while_the_shield_keeps_pushing():
+    """batch_sigma_end: the images repel each other only while σ ≥ it; below, a batch with no reference near is
+    returned bit-identical, and a protected reference within r still pushes."""
+    x = spread(2, 8, 1.0)
+    x_t = torch.zeros_like(x)
+    cfg = SpellConfig(r=0.5, in_batch="mutual", batch_scale=1.2, batch_sigma_end=1.0)
+    run = SpellRun(cfg, None, x.shape)
+    above = run.step(x, x_t, torch.tensor([1.0]))  # σ = batch_sigma_end: still on
+    assert sum(run.log.steps[0].active_pairs) > 0 and not torch.equal(above, x)
+    below = run.step(x, x_t, torch.tensor([0.99]))
+    assert torch.equal(below, x) and sum(run.log.steps[1].active_pairs) == 0
+    assert math.isnan(run.log.steps[1].batch_r)
+    ref = x[:1] + 0.01  # a protected reference next to image 0
+    shielded = SpellRun(cfg, Shield([TensorPart(ref)]), x.shape)
+    out = shielded.step(x, x_t, torch.tensor([0.5]))
+    assert shielded.log.steps[0].active_pairs == [1] + [0] * 7
+    assert not torch.equal(out[0], x[0]) and torch.equal(out[1:], x[1:])
+
+
+@pytest.mark.parametrize("bad", [-0.1, math.nan])
+def test_a_bad_batch_sigma_end_is_refused(bad):
+    with pytest.raises(ValueError, match="batch_sigma_end"):
+        SpellConfig(r=0.5, batch_sigma_end=bad)

@@ -11,11 +11,12 @@ def sample(comfy, model, conds, batch, seed=7, steps=4, sampler="euler", schedul
 
 
 def spell(comfy, model, radius, lam=1.6, in_batch="off", start=0.0, end=1.0, enforce=True, references=None, memory=None,
-          batch_scale=0.0):
-    """SpellRepellency's patch; batch_scale 0 by default: the in-batch push within the absolute r (the paper's)."""
+          batch_scale=0.0, batch_end=1.0):
+    """SpellRepellency's patch; batch_scale 0 and batch_end 1 by default: the in-batch push within the absolute r
+    until the end (the paper's)."""
     node = comfy.NODE_CLASS_MAPPINGS["SpellRepellency"]()
     return node.patch(model, radius, lam, in_batch, start, end, enforce, references=references, memory=memory,
-                      batch_radius_scale=batch_scale)[0]
+                      batch_radius_scale=batch_scale, batch_end_percent=batch_end)[0]
 
 
 def protected(comfy, latents):

@@ -24,7 +24,8 @@ def spell_graph(**spell_inputs):
     return g
 
 
-@pytest.mark.parametrize("name", ["radius", "overcompensation", "start_percent", "end_percent", "batch_radius_scale"])
+@pytest.mark.parametrize("name", ["radius", "overcompensation", "start_percent", "end_percent", "batch_radius_scale",
+                                  "batch_end_percent"])
 def test_spell_refuses_nan_before_sampling(executor, name):
     result = executor.run(spell_graph(**{name: math.nan}))
     assert not result.success

@@ -33,7 +33,7 @@ def probed(model, seen):
 def spell(comfy, model, radius):
     """SPELL Sparse Repellency, every image repelled by the others within the absolute radius."""
     return comfy.NODE_CLASS_MAPPINGS["SpellRepellency"]().patch(model, radius, 1.6, "mutual", 0.0, 1.0, False,
-                                                                 batch_radius_scale=0.0)[0]
+                                                                 batch_radius_scale=0.0, batch_end_percent=1.0)[0]
 
 
 def spell_pushed(model):

@@ -1,5 +1,6 @@
 """SpellRepellency inside ComfyUI's real sampler, on toy models built on ComfyUI's UNetModel:
 EPS and v-prediction (4 channels) and flow (16 channels, SD3 latent format)."""
+import math
 from pathlib import Path
 
 import comfy.samplers
@@ -162,8 +163,9 @@ def test_large_protected_sets_go_through_the_exact_index(comfy, toy_models, cond
 
 def test_adaptive_batch_radius_by_default(comfy):
     """The node's default in-batch radius (batch_radius_scale > 0) through ComfyUI's KSampler on the demo model:
-    the batch ends more spread out than without SPELL, the radius shrinks with the batch's spacing over the run,
-    and the report states it."""
+    the batch ends more spread out than without SPELL, the radius shrinks with the batch's spacing while the
+    in-batch push acts, the push stops at batch_end_percent (0.6: σ 1.16 on the demo, after 12 of 20 calls), and the
+    report states it."""
     model, _, _ = comfy.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]().load()
     enc = comfy.NODE_CLASS_MAPPINGS["SpellDemoClassPrompt"]()
     prompts = comfy.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]().load()[2]
@@ -174,7 +176,12 @@ def test_adaptive_batch_radius_by_default(comfy):
     out = model_space(model, sample(comfy, patched, (pos, neg), 8, steps=20))
     mask = ~torch.eye(8, dtype=torch.bool)
     assert nearest(out, out, mask).median() > nearest(base, base, mask).median()
-    radii = [s.batch_r for s in last_log(patched).steps]
+    steps = last_log(patched).steps
+    cut = float(model.get_model_object("model_sampling").percent_to_sigma(0.6))
+    assert [not math.isnan(s.batch_r) for s in steps] == [s.sigma >= cut for s in steps]
+    assert sum(s.sigma >= cut for s in steps) == 12 and len(steps) == 20
+    assert all(sum(s.active_pairs) == 0 for s in steps if s.sigma < cut)  # no shield: nothing pushes after the cut
+    radii = [s.batch_r for s in steps if s.sigma >= cut]
     assert radii == sorted(radii, reverse=True) and radii[-1] < radii[0] / 2
     assert max(radii[-1], radii[0]) != 0.5  # not the absolute radius
     report = comfy.NODE_CLASS_MAPPINGS["SpellReport"]().report(patched, {"samples": out})["result"][0]
