@@ -227,6 +227,8 @@ def worker_query(args) -> dict:
     res = {"n": n, "r": r, "load_s": load, "rss_base": rss(), "load_before": loadavg(),
            "threads": torch.get_num_threads()}
     exact = lambda idx: (lambda xb: idx.range_search(xb, r)[:2])
+    if index.subcells is not None:
+        index.subcells.centre_product()  # its one-off probe (float32 or bfloat16) outside the timed steps
     found = {}
     for name, x in sets.items():  # the default exact index first, so its memory is measured alone
         times, pairs = timed_steps(exact(index), x)
@@ -240,6 +242,16 @@ def worker_query(args) -> dict:
                                   "pairs": len(pairs), "hit_frac": len({i for i, _ in pairs}) / len(x)}
         found[("cascade", name)] = pairs
     res["rss_cascade"] = rss()
+    # the same cascade with stage 1's centre product forced to float32 (the default chose res["centre_product"])
+    res["centre_product"] = index.subcells.product if index.subcells is not None else None
+    if index.subcells is not None:
+        chosen = index.subcells.product
+        index.subcells.product = "float32"
+        for name, x in sets.items():
+            times, pairs = timed_steps(exact(index), x)
+            res[f"cascade32_{name}"] = {"ms": ms(times), "cpu_ms": ms(CPU_MS)}
+            found[("cascade32", name)] = pairs
+        index.subcells.product = chosen
     for be in ("torch", "faiss"):
         other = index.with_backend(be)
         for name, x in sets.items():
@@ -263,7 +275,9 @@ def worker_query(args) -> dict:
                                 "cpu_ms": f"{1000 * (time.thread_time() - c) / steps:.1f}"}
         truth = brute_force(index, x, r)
         res[f"truth_{name}"] = len(truth)
-        for be in ("cascade", "torch", "faiss", "ivf"):
+        for be in ("cascade", "cascade32", "torch", "faiss", "ivf"):
+            if (be, name) not in found:
+                continue
             got = found[(be, name)]
             res[f"{be}_{name}"]["misses"] = len(truth - got)
             res[f"{be}_{name}"]["false_pos"] = len(got - truth)
@@ -288,7 +302,8 @@ def table(rows: list[dict], r: float) -> str:
         return float(v[k]) / float(c[k])
 
     head = ("| N | build s | RSS MB (anon+file) | load avg before/after | queries | exact cascade ms/step wall: mean "
-            "(median, p95) | cascade CPU ms/step | annulus rows / candidates per step | exact torch flat ms wall / CPU | "
+            "(median, p95) | cascade CPU ms/step | stage 1 product | the same with the float32 product ms wall / CPU "
+            "(misses) | annulus rows / candidates per step | exact torch flat ms wall / CPU | "
             "exact faiss flat ms wall / CPU | brute force ms wall / CPU | faiss IVF approx ms wall / CPU | "
             "cascade speed-up (CPU) vs brute / torch flat / IVF | misses cascade / torch / faiss | "
             "IVF misses (of true pairs) | queries with neighbours |")
@@ -300,8 +315,10 @@ def table(rows: list[dict], r: float) -> str:
             lines.append(
                 f"| {res['n']:,} | {res['build_s']:.0f} | {mem['RssAnon']:.0f}+{mem['RssFile']:.0f} | "
                 f"{res.get('load_before', '?')} / {res.get('load_after', '?')} | {name} | "
-                f"{c['ms']} ({c['median']}, {c['p95']}) | {c.get('cpu_ms', '?')} | "
-                f"{c['annulus_per_step']:.0f} / {c['cand_per_step']:.0f} | "
+                f"{c['ms']} ({c['median']}, {c['p95']}) | {c.get('cpu_ms', '?')} | {res.get('centre_product') or 'float32'} | "
+                + (f"{wc(res, f'cascade32_{name}')} ({res[f'cascade32_{name}']['misses']}) | " if f"cascade32_{name}" in res
+                   else "– | ")
+                + f"{c['annulus_per_step']:.0f} / {c['cand_per_step']:.0f} | "
                 f"{wc(res, f'torch_{name}')} | {wc(res, f'faiss_{name}')} | {wc(res, f'brute_{name}')} | "
                 f"{wc(res, f'ivf_{name}')} | {ratio(res, f'brute_{name}', name):.0f}× / "
                 f"{ratio(res, f'torch_{name}', name):.1f}× / {ratio(res, f'ivf_{name}', name):.1f}× | "

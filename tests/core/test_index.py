@@ -318,3 +318,44 @@ def test_get_from_shards_any_order(tmp_path):
     for k in ([5, 4, 3], [299, 0, 299, 64, 63], list(range(60, 140)), [7]):
         assert torch.equal(index.get(torch.tensor(k)), z[k])
     assert index.get(torch.zeros(0, dtype=torch.long)).shape == (0, *SHAPE)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+def test_cascade_bfloat16_centre_product_is_exact(monkeypatch, scale):
+    """Stage 1's product with every centre in bfloat16 (CENTRE_PRODUCT, chosen where faster): its error bound
+    widens the liveness test and each annulus, so the answers stay brute force's, bit for bit, also at a radius
+    equal to a distance; and the bound holds on the index's own centres."""
+    from spell_core.index import cells as cells_mod
+
+    monkeypatch.setattr(cells_mod, "CENTRE_PRODUCT", "bfloat16")
+    g = torch.Generator().manual_seed(21)
+    big = clustered(1500, g, centres=4, spread=0.2)
+    small = torch.randn(150, *SHAPE, generator=g).repeat_interleave(3, 0) + 0.05 * torch.randn(450, *SHAPE, generator=g)
+    z = torch.cat([big, small]) * scale
+    x = torch.cat([z[torch.randint(0, len(z), (12,), generator=g)] + 0.1 * scale * torch.randn(12, *SHAPE, generator=g),
+                   z[:2], scale * torch.randn(4, *SHAPE, generator=g)])
+    index = ReferenceIndex.build(z, backend="cascade", dim=4, cells=20)
+    sub = index.subcells
+    d = rms_cdist(flat32(x), flat32(z))
+    for r in (0.1 * scale, 0.3 * scale, 0.8 * scale, float(d[0, 9]), 1e-7 * scale):
+        assert_same(index.range_search(x, r), brute(x, z, r))
+    assert sub.product == "bfloat16"
+    exact = sub.cp.double() @ sub.cp[:5].double().T
+    got = torch.mm(sub.cp.to(torch.bfloat16), sub.cp[:5].to(torch.bfloat16).T).double()
+    bound = sub.bf16_dot_bound() * sub.cnorm.double()[:, None] * sub.cnorm[:5].double()[None]
+    assert ((got - exact).abs() <= bound).all()
+    # the same index searched with the float32 product: the same answers, and bfloat16 widened the annulus
+    flat = cells_mod.SubspaceCells.from_tensors(sub.tensors())
+    monkeypatch.setattr(cells_mod, "CENTRE_PRODUCT", "float32")
+    t = torch.full((len(x),), 0.3 * scale * math.sqrt(flat32(x).shape[1]), dtype=torch.float64)
+    sig = torch.zeros(len(x), dtype=torch.float64)
+    rows32 = len(flat.annulus(flat32(x), t, sig)[0])
+    rows16 = len(sub.annulus(flat32(x), t, sig)[0])
+    assert flat.product == "float32" and rows16 >= rows32
+
+
+def test_cascade_centre_product_auto_keeps_small_indexes_float32():
+    g = torch.Generator().manual_seed(22)
+    index = ReferenceIndex.build(clustered(400, g), backend="cascade", dim=3, cells=16)
+    index.range_search(clustered(3, g), 0.3)
+    assert index.subcells.product == "float32"
