@@ -215,6 +215,21 @@ def worker_build(args) -> dict:
     return {"build_s": build, "peak_rss_mb": rss()["VmHWM"], "cells": len(index.subcells.cp)}
 
 
+def timed_pair(fns: dict, x: torch.Tensor) -> tuple[dict, dict, dict]:
+    """The functions in fns run on the same consecutive batches, alternating at every step (so the machine's state
+    and the page cache favour neither) -> per name: wall seconds per step, thread CPU seconds per step, pairs."""
+    times, cpu, pairs = ({k: [] for k in fns} for _ in range(3))
+    pairs = {k: set() for k in fns}
+    for a in range(0, len(x), B):
+        for k, fn in fns.items():
+            t, c = time.perf_counter(), time.thread_time()
+            i, kk = fn(x[a:a + B])
+            times[k].append(time.perf_counter() - t)
+            cpu[k].append(time.thread_time() - c)
+            pairs[k] |= {(ii + a, j) for ii, j in zip(i.tolist(), kk.tolist())}
+    return times, cpu, pairs
+
+
 def worker_query(args) -> dict:
     torch.set_num_threads(getattr(args, "threads", 1) or 1)
     torch.manual_seed(0)
@@ -242,16 +257,26 @@ def worker_query(args) -> dict:
                                   "pairs": len(pairs), "hit_frac": len({i for i, _ in pairs}) / len(x)}
         found[("cascade", name)] = pairs
     res["rss_cascade"] = rss()
-    # the same cascade with stage 1's centre product forced to float32 (the default chose res["centre_product"])
+    # stage 1's centre product as chosen (res["centre_product"]) against float32, alternating step by step
     res["centre_product"] = index.subcells.product if index.subcells is not None else None
     if index.subcells is not None:
-        chosen = index.subcells.product
-        index.subcells.product = "float32"
+        chosen, sc = index.subcells.product, index.subcells
+
+        def with_product(product):
+            def fn(xb):
+                sc.product = product
+                if product == "bfloat16" and sc._bf16 is None:
+                    sc._bf16 = sc.cp.to(torch.bfloat16)
+                return index.range_search(xb, r)[:2]
+            return fn
+
         for name, x in sets.items():
-            times, pairs = timed_steps(exact(index), x)
-            res[f"cascade32_{name}"] = {"ms": ms(times), "cpu_ms": ms(CPU_MS)}
-            found[("cascade32", name)] = pairs
-        index.subcells.product = chosen
+            times, cpu, pairs = timed_pair({"chosen": with_product(chosen), "float32": with_product("float32")}, x)
+            res[f"cascadepair_{name}"] = {"ms": ms(times["chosen"]), "cpu_ms": ms(cpu["chosen"])}
+            res[f"cascade32_{name}"] = {"ms": ms(times["float32"]), "cpu_ms": ms(cpu["float32"])}
+            found[("cascade32", name)] = pairs["float32"]
+            found[("cascadepair", name)] = pairs["chosen"]
+        sc.product = chosen
     for be in ("torch", "faiss"):
         other = index.with_backend(be)
         for name, x in sets.items():
@@ -275,7 +300,7 @@ def worker_query(args) -> dict:
                                 "cpu_ms": f"{1000 * (time.thread_time() - c) / steps:.1f}"}
         truth = brute_force(index, x, r)
         res[f"truth_{name}"] = len(truth)
-        for be in ("cascade", "cascade32", "torch", "faiss", "ivf"):
+        for be in ("cascade", "cascadepair", "cascade32", "torch", "faiss", "ivf"):
             if (be, name) not in found:
                 continue
             got = found[(be, name)]
@@ -302,8 +327,8 @@ def table(rows: list[dict], r: float) -> str:
         return float(v[k]) / float(c[k])
 
     head = ("| N | build s | RSS MB (anon+file) | load avg before/after | queries | exact cascade ms/step wall: mean "
-            "(median, p95) | cascade CPU ms/step | stage 1 product | the same with the float32 product ms wall / CPU "
-            "(misses) | annulus rows / candidates per step | exact torch flat ms wall / CPU | "
+            "(median, p95) | cascade CPU ms/step | stage 1 product | alternating step by step: that product / float32, "
+            "ms wall / CPU (misses) | annulus rows / candidates per step | exact torch flat ms wall / CPU | "
             "exact faiss flat ms wall / CPU | brute force ms wall / CPU | faiss IVF approx ms wall / CPU | "
             "cascade speed-up (CPU) vs brute / torch flat / IVF | misses cascade / torch / faiss | "
             "IVF misses (of true pairs) | queries with neighbours |")
@@ -316,7 +341,8 @@ def table(rows: list[dict], r: float) -> str:
                 f"| {res['n']:,} | {res['build_s']:.0f} | {mem['RssAnon']:.0f}+{mem['RssFile']:.0f} | "
                 f"{res.get('load_before', '?')} / {res.get('load_after', '?')} | {name} | "
                 f"{c['ms']} ({c['median']}, {c['p95']}) | {c.get('cpu_ms', '?')} | {res.get('centre_product') or 'float32'} | "
-                + (f"{wc(res, f'cascade32_{name}')} ({res[f'cascade32_{name}']['misses']}) | " if f"cascade32_{name}" in res
+                + (f"{wc(res, f'cascadepair_{name}')} ({res[f'cascadepair_{name}']['misses']}) / "
+                   f"{wc(res, f'cascade32_{name}')} ({res[f'cascade32_{name}']['misses']}) | " if f"cascade32_{name}" in res
                    else "– | ")
                 + f"{c['annulus_per_step']:.0f} / {c['cand_per_step']:.0f} | "
                 f"{wc(res, f'torch_{name}')} | {wc(res, f'faiss_{name}')} | {wc(res, f'brute_{name}')} | "
