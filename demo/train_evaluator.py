@@ -39,6 +39,30 @@ def accuracy(net: DigitEvaluator, x: torch.Tensor, y: torch.Tensor) -> float:
     return (net.predict(x).argmax(-1) == y).float().mean().item()
 
 
+def fit(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator, epochs: int, lr: float,
+        batch: int, report) -> float:
+    """Cross-entropy on augmented batches (AdamW, one-cycle schedule), seeded by g; after each epoch prints the
+    loss and report(net) (e.g. an accuracy). Returns the seconds taken. Shared by the demo's classifiers."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * -(-len(x) // batch))
+    t0 = time.time()
+    for epoch in range(epochs):
+        net.train()
+        order = torch.randperm(len(x), generator=g)
+        total = 0.0
+        for idx in order.split(batch):
+            loss = F.cross_entropy(net(augment(x[idx], g)), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        net.eval()
+        print(f"epoch {epoch + 1:2d}/{epochs}  loss {total / len(x):.4f}  {report(net)}  {time.time() - t0:.0f}s",
+              flush=True)
+    return time.time() - t0
+
+
 def main() -> None:
     """Trains, reports held-out accuracy, saves the weights with their metadata."""
     from safetensors.torch import save_file
@@ -50,30 +74,14 @@ def main() -> None:
     x_tr, y_tr = split["train"]
     x_te, y_te = split["test"]
     net = DigitEvaluator()
-    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=EPOCHS * -(-len(x_tr) // BATCH))
-    t0 = time.time()
-    for epoch in range(EPOCHS):
-        net.train()
-        order = torch.randperm(len(x_tr), generator=g)
-        total = 0.0
-        for idx in order.split(BATCH):
-            loss = F.cross_entropy(net(augment(x_tr[idx], g)), y_tr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-        net.eval()
-        print(f"epoch {epoch + 1:2d}/{EPOCHS}  loss {total / len(x_tr):.4f}  "
-              f"held-out acc {accuracy(net, x_te, y_te):.4f}  {time.time() - t0:.0f}s", flush=True)
+    secs = fit(net, x_tr, y_tr, g, EPOCHS, LR, BATCH, lambda n: f"held-out acc {accuracy(n, x_te, y_te):.4f}")
     acc = accuracy(net, x_te, y_te)
     meta = dict(features=FEATURES, input="grey images [B,1,16,16] in [-1,1]", seed=SEED, split_seed=SPLIT_SEED,
                 epochs=EPOCHS, train_size=len(x_tr), held_out_size=len(x_te), held_out_accuracy=round(acc, 4))
     WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(WEIGHTS), metadata={"spell_demo_evaluator": json.dumps(meta)})
-    print(f"held-out accuracy {acc:.4f} ({len(x_te)} images); {time.time() - t0:.0f}s; saved {WEIGHTS}")
+    print(f"held-out accuracy {acc:.4f} ({len(x_te)} images); {secs:.0f}s; saved {WEIGHTS}")
 
 
 if __name__ == "__main__":

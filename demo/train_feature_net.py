@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: 2 threads stay fast on a busy CPU
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from .data import SPLIT_SEED, digits_split  # noqa: E402
 from .feature_net import FEATURES, META_KEY, WEIGHTS, DigitFeatureNet  # noqa: E402
-from .train_evaluator import augment  # noqa: E402  (the same augmentation: shifts by one pixel, light noise)
+from .train_evaluator import fit  # noqa: E402  (the same loop and augmentation: one-pixel shifts, light noise)
 
 SEED = 1  # the evaluator uses 0
 EPOCHS = 40
@@ -37,23 +35,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(SEED)
     x_tr, y_tr = digits_split()["train"]
     net = DigitFeatureNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=EPOCHS * -(-len(x_tr) // BATCH))
-    t0 = time.time()
-    for epoch in range(EPOCHS):
-        net.train()
-        total = 0.0
-        for idx in torch.randperm(len(x_tr), generator=g).split(BATCH):
-            loss = F.cross_entropy(net(augment(x_tr[idx], g)), y_tr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-        net.eval()
-        print(f"epoch {epoch + 1:2d}/{EPOCHS}  loss {total / len(x_tr):.4f}  train acc "
-              f"{accuracy(net, x_tr, y_tr):.4f}  {time.time() - t0:.0f}s", flush=True)
-    acc, secs = accuracy(net, x_tr, y_tr), time.time() - t0
+    secs = fit(net, x_tr, y_tr, g, EPOCHS, LR, BATCH, lambda n: f"train acc {accuracy(n, x_tr, y_tr):.4f}")
+    acc = accuracy(net, x_tr, y_tr)
     meta = dict(features=FEATURES, input="grey images [B,1,16,16] in [-1,1]", seed=SEED, split_seed=SPLIT_SEED,
                 epochs=EPOCHS, train_size=len(x_tr), data="training split only", train_accuracy=round(acc, 4),
                 train_seconds=round(secs, 1))
