@@ -20,8 +20,10 @@ def describe(log, radius_note="") -> str:
         f"outputs moved by the final shield enforcement: {log.enforced}",
     ]
     if adaptive_batch_radius(log) is not None:
-        radii = [s.batch_r for s in log.steps]
-        lines.append(f"in-batch radius (adaptive): {radii[0]:.3g} at the first model call, {radii[-1]:.3g} at the last")
+        on = [s for s in log.steps if s.batch_r == s.batch_r]  # NaN: the in-batch push was off at that call
+        until = "" if len(on) == len(log.steps) else f" (in-batch push in {len(on)} of {len(log.steps)} calls, down to σ = {on[-1].sigma:.3g})"
+        lines.append(f"in-batch radius (adaptive): {on[0].batch_r:.3g} at the first model call, {on[-1].batch_r:.3g} at "
+                     f"the last{until}")
     if log.n_static:
         lines.append("nearest static reference (RMS): " + ", ".join(f"{d:.3f}" if d != float("inf") else
                                                                      "beyond 4r" for d in near))

@@ -185,7 +185,8 @@ def test_adaptive_batch_radius_by_default(comfy):
     assert radii == sorted(radii, reverse=True) and radii[-1] < radii[0] / 2
     assert max(radii[-1], radii[0]) != 0.5  # not the absolute radius
     report = comfy.NODE_CLASS_MAPPINGS["SpellReport"]().report(patched, {"samples": out})["result"][0]
-    assert "in-batch radius (adaptive)" in report
+    assert "in-batch radius (adaptive)" in report and "nan" not in report
+    assert f"at the last (in-batch push in 12 of 20 calls, down to σ = {steps[11].sigma:.3g})" in report
 
 
 def test_feature_space_push_through_the_node(comfy):
