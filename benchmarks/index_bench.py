@@ -155,15 +155,9 @@ CPU_MS: list = []  # thread CPU seconds per step of the last timed_steps call
 def timed_steps(fn, x: torch.Tensor) -> tuple[list[float], set]:
     """Runs fn on consecutive batches of B queries -> (wall seconds per step, set of (query, k)); the calling
     thread's CPU seconds per step go to CPU_MS (all the work with --threads 1: immune to other jobs' load)."""
-    times, pairs = [], set()
-    CPU_MS.clear()
-    for a in range(0, len(x), B):
-        t, c = time.perf_counter(), time.thread_time()
-        i, k = fn(x[a:a + B])
-        times.append(time.perf_counter() - t)
-        CPU_MS.append(time.thread_time() - c)
-        pairs |= {(ii + a, kk) for ii, kk in zip(i.tolist(), k.tolist())}
-    return times, pairs
+    times, cpu, pairs = timed_pair({"fn": fn}, x)
+    CPU_MS[:] = cpu["fn"]
+    return times["fn"], pairs["fn"]
 
 
 def faiss_ivf(index: ReferenceIndex, nprobe: int):
@@ -218,8 +212,7 @@ def worker_build(args) -> dict:
 def timed_pair(fns: dict, x: torch.Tensor) -> tuple[dict, dict, dict]:
     """The functions in fns run on the same consecutive batches, alternating at every step (so the machine's state
     and the page cache favour neither) -> per name: wall seconds per step, thread CPU seconds per step, pairs."""
-    times, cpu, pairs = ({k: [] for k in fns} for _ in range(3))
-    pairs = {k: set() for k in fns}
+    times, cpu, pairs = {k: [] for k in fns}, {k: [] for k in fns}, {k: set() for k in fns}
     for a in range(0, len(x), B):
         for k, fn in fns.items():
             t, c = time.perf_counter(), time.thread_time()

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 
 from ..spell_core import RunHistory, SpellConfig, SpellRun
 from ..spell_core.repellency import IN_BATCH_MODES
+from ..spell_core.run import check_features
 from ..spell_core.shield import IndexPart, Shield, TensorPart, scalar_affine
 from ..spell_core.storage import StorageError
 from .common import SpellInputError, check_numbers
@@ -115,9 +116,10 @@ class SpellRepellency:
             raise SpellInputError(self.NODE_ID, f"start_percent ({start_percent}) must be below end_percent ({end_percent}).")
         if references is not None and len(references) == 0:
             raise SpellInputError(self.NODE_ID, "the protected set is empty; connect a loader with images or latents.")
-        if features is not None and not batch_radius_scale > 0:
-            raise SpellInputError(self.NODE_ID, "a feature-space push needs batch_radius_scale > 0 (the adaptive "
-                                                "radius; r is in latent units, not the features').")
+        try:
+            check_features(features, batch_radius_scale)
+        except ValueError as e:
+            raise SpellInputError(self.NODE_ID, str(e)) from None
         key = f"spell_{uuid.uuid4().hex[:8]}"
         history = RunHistory()
         patched = model.clone()

@@ -123,12 +123,7 @@ class SpellRun:
 
     def __init__(self, config: SpellConfig, shield: Shield | None, sample_shape: tuple,
                  features: Features | None = None):
-        if features is not None and not callable(features):
-            raise ValueError(f"features must be a callable x̂0 [B, ...] -> [B, F] or None, "
-                             f"got {type(features).__name__}")
-        if features is not None and config.batch_scale == 0:
-            raise ValueError("a feature-space in-batch push needs the adaptive batch radius (batch_scale > 0): the "
-                             "absolute radius r is in the model's units, not the features'")
+        check_features(features, config.batch_scale)
         self.config = config
         self.features = features
         self.sample_shape = tuple(sample_shape)
@@ -200,6 +195,18 @@ class SpellRun:
         self.log.nearest_batch = nearest(x, x, ~torch.eye(b, dtype=torch.bool, device=x.device)).tolist()
         self.log.finished = True
         return x, moved
+
+
+def check_features(features, batch_scale: float) -> None:
+    """ValueError unless features is None or a callable usable with this batch radius scale (the feature-space
+    push needs the adaptive radius: an absolute r is in the model's units, not the features')."""
+    if features is None:
+        return
+    if not callable(features):
+        raise ValueError(f"features must be a callable x̂0 [B, ...] -> [B, F] or None, got {type(features).__name__}")
+    if not batch_scale > 0:
+        raise ValueError("a feature-space push needs batch_radius_scale > 0 (SpellConfig.batch_scale > 0, the adaptive "
+                         "batch radius): the absolute radius r is in the model's units, not the features'")
 
 
 def batch_radius(x0: torch.Tensor, scale: float, d: torch.Tensor | None = None) -> float:
