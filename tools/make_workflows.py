@@ -99,7 +99,8 @@ NOTES = {
     "spell_diversity": (
         "**SPELL: diversity within a batch.** Eight images of \"any digit\" from one fixed seed. SPELL Sparse "
         "Repellency pushes each image's predicted result away from the other images of the batch whenever two come "
-        "closer than the radius r, and leaves the others untouched.\n\nBypass the SPELL node (Ctrl+B) and run again "
+        "closer than batch_radius_scale x the batch's own spacing, until batch_end_percent of the schedule, and "
+        "leaves the others untouched.\n\nBypass the SPELL node (Ctrl+B) and run again "
         "to compare the two batches; SPELL Report shows how often the push acted and each image's distance to its "
         "nearest neighbour in the batch."),
     "spell_diversity_interval": (
