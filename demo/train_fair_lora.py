@@ -33,7 +33,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="demo_fair_digits")
     ap.add_argument("--gradient", default="adjusted", choices=("adjusted", "naive"))
     ap.add_argument("--learning-rate", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=20, help="images of one prompt per iteration")
+    ap.add_argument("--draw", default="stratified", choices=("stratified", "iid"),
+                    help="target labels of a batch (the node's draw input)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preservation", type=float, default=8.0, help="weight of the semantics preservation loss")
+    ap.add_argument("--ema-warmup", action="store_true", help="warm the EMA up (the node's ema_warmup)")
     ap.add_argument("--no-keep", action="store_true", help="train without the single-digit prompts kept")
     args = ap.parse_args(argv)
     import torch
@@ -68,8 +73,9 @@ def main(argv=None) -> int:
     pos, neg = encode(prompts, "any digit")[0], encode(prompts, "(empty)")[0]
     keep = None if args.no_keep else [entry for d in range(10) for entry in encode(prompts, str(d))[0]]
     result = nodes["SpellFairLoRATrainer"]().train(
-        model, pos, neg, clf, args.target, args.out, args.iterations, 20, 6, 4.0, 8, args.learning_rate, args.seed,
-        False, 50, keep=keep, gradient=args.gradient)["result"]
+        model, pos, neg, clf, args.target, args.out, args.iterations, args.batch, 6, 4.0, 8, args.learning_rate,
+        args.seed, False, 50, keep=keep, gradient=args.gradient, draw=args.draw,
+        preservation=args.preservation, ema_warmup=args.ema_warmup)["result"]
     seconds = time.perf_counter() - t0
     print(result[1], file=sys.stderr)
     loras = Path(folder_paths.get_folder_paths("loras")[0])

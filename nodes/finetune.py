@@ -270,12 +270,19 @@ class SpellFairLoRATrainer:
                     "paper's random draws)."}),
                 "gradient": (list(GRADIENTS), {"default": "adjusted", "tooltip":
                     "adjusted DFT (the paper's: detached inputs, scaled steps) or naive (exact gradient)."}),
+                "preservation": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 1000.0, "step": 0.5, "tooltip":
+                    "Weight of the semantics preservation loss (1 - cosine to the frozen model's image of the same "
+                    "noise; the paper's 8). Higher keeps images closer to the base model's."}),
+                "ema_warmup": ("BOOLEAN", {"default": False, "tooltip":
+                    "Warm the EMA up (decay (1+k)/(10+k), up to 0.996) instead of a constant 0.996 from the untrained "
+                    "LoRA. Off by default: on the demo the constant decay gave the better LoRA (docs/fairness_finetune.md)."}),
             },
         }
 
     def train(self, model, positive, negative, classifier, target, name, iterations, batch_size, steps, cfg, rank,
-              learning_rate, seed, resume, checkpoint_every, keep=None, draw="stratified", gradient="adjusted"):
-        check_numbers(self.NODE_ID, cfg=cfg, learning_rate=learning_rate)
+              learning_rate, seed, resume, checkpoint_every, keep=None, draw="stratified", gradient="adjusted",
+              preservation=8.0, ema_warmup=False):
+        check_numbers(self.NODE_ID, cfg=cfg, learning_rate=learning_rate, preservation=preservation)
         check_unet(self.NODE_ID, model)
         if getattr(model.model, "adm_channels", 0):
             raise SpellInputError(self.NODE_ID, "this model also takes a pooled text embedding (SDXL-style); the trainer "
@@ -290,7 +297,8 @@ class SpellFairLoRATrainer:
         negatives = prompts_of(self.NODE_ID, negative, "negative")
         kept = prompts_of(self.NODE_ID, keep, "keep") if keep is not None else []
         config = FairLoRAConfig(iterations=iterations, batch=batch_size, steps=(steps, steps + 4), rank=rank,
-                                lr=learning_rate, draw=draw, gradient=gradient, seed=seed)
+                                lr=learning_rate, draw=draw, gradient=gradient, seed=seed,
+                                keep_weight=preservation, ema_warmup=ema_warmup)
         try:
             config.check()
         except ValueError as e:

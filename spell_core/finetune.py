@@ -370,6 +370,8 @@ class FairLoRAConfig:
     lr: float = 1e-3               # paper: 5e-5 (SD1.5); the demo's tiny U-Net needs larger steps
     weight_decay: float = 0.01
     ema: float = 0.996
+    ema_warmup: bool = False       # True: decay min(ema, (1+k)/(10+k)) at update k (0 at the first), diffusers'
+                                   # EMAModel; measured worse on the demo (docs/fairness_finetune.md)
     threshold: float = 0.8         # confidence C
     draw: str = "stratified"       # or "iid" (the paper's)
     gradient: str = "adjusted"     # or "naive"
@@ -480,14 +482,24 @@ class FairTrainer:
                 if c.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
                 self.opt.step()
+                decay = self.ema_decay(self.iteration)
                 with torch.no_grad():
                     for e, p in zip(self.ema, self.params):
-                        e.mul_(c.ema).add_(p.detach(), alpha=1 - c.ema)
+                        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
         self.iteration += 1
         row = {"iteration": self.iteration, "grad_norm": norm, "skipped": not finite,
                **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()}}
         self.log.append(row)
         return row
+
+    def ema_decay(self, k: int) -> float:
+        """The EMA's decay at update k (0-based). Without warm-up it is ``ema`` from the start, and the untrained
+        LoRA keeps a weight of ema^n in the result after n updates (0.996^500 = 13.5 %: the saved weights lag far
+        behind on a short run); with it the average starts at the first trained weights and widens to ``ema``."""
+        c = self.config
+        if not c.ema_warmup:
+            return c.ema
+        return 0.0 if k == 0 else min(c.ema, (1 + k) / (10 + k))
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA weights in ComfyUI's LoRA key format: the result (the raw weights are only for resuming)."""
@@ -531,6 +543,7 @@ class FairTrainer:
         if json.loads(meta["paths"]) != self.lora.paths:
             raise StorageError(f"{path} was trained on other layers; start afresh (switch resume off)")
         saved = json.loads(meta["config"])
+        saved.setdefault("ema_warmup", False)  # checkpoints from before the option used a constant decay
         mine = asdict(self.config)
         differ = sorted(k for k in mine if k != "iterations" and json.dumps(saved.get(k)) != json.dumps(mine[k]))
         if differ:

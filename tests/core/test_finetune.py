@@ -238,6 +238,29 @@ def test_checkpoints_resume_exactly(tmp_path, gradient):
         other.load_checkpoint(tmp_path / "ck.safetensors")
 
 
+def test_ema_warm_up_starts_at_the_trained_weights_and_widens_to_the_decay():
+    torch.manual_seed(0)
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).requires_grad_(False)
+
+    def trainer(**kw):
+        unet = ToyUNet()
+        lora = LoRA(attention_linears(unet, ("to_q", "to_v")), rank=2).attach()
+        return FairTrainer(toy_task(unet, lora, classifier), lora,
+                           FairLoRAConfig(iterations=3, batch=4, steps=(2, 3), rank=2, lr=0.05, **kw))
+
+    warm, flat = trainer(ema_warmup=True), trainer()
+    start = [p.detach().clone() for p in flat.params]
+    warm.step()
+    flat.step()
+    # the first update replaces the untrained weights; without warm-up the EMA keeps 99.6 % of them
+    assert all(torch.equal(e, p) for e, p in zip(warm.ema, warm.params))
+    moved = [p - s for p, s in zip(flat.params, start)]
+    assert any(float(m.abs().max()) > 0 for m in moved)
+    assert all(torch.allclose(e - s, 0.004 * m, atol=1e-7) for e, s, m in zip(flat.ema, start, moved))
+    assert [warm.ema_decay(k) for k in (0, 1, 8)] == [0.0, 2 / 11, 0.5]
+    assert warm.ema_decay(10_000) == flat.ema_decay(0) == 0.996
+
+
 def test_config_refuses_bad_settings():
     for bad in (dict(draw="x"), dict(gradient="x"), dict(steps=(3, 2)), dict(batch=1), dict(lr=math.nan)):
         with pytest.raises(ValueError):
