@@ -7,7 +7,10 @@ and the metrics to run/main_job/ (``scripts/run_demo.sh``):
   (inside or outside the shield);
 - batch memory: three consecutive runs with one memory (emptied first), the same fixed seed each time, with
   each output's distance to the earlier runs' outputs: without SPELL the runs repeat exactly, with SPELL the
-  memory pushes runs 2 and 3 away from what came before.
+  memory pushes runs 2 and 3 away from what came before;
+- fair LoRA: the fair-LoRA example (stock LoraLoaderModelOnly) at strength 1 and at strength 0 (the base model),
+  same seed, a batch of FAIR_IMAGES: the share of each digit under the evaluator; the LoRA acts on each image
+  alone, so the shares are what batch 1 gives.
 
 ``--sweep`` instead measures the diversity example at several SPELL settings over several seeds
 (docs/diversity_example.md)."""
@@ -29,6 +32,7 @@ from tools.workflow import Executor, ui_to_api
 
 ROOT = comfy_host.PACK_DIR
 MEMORY_RUNS = 3
+FAIR_IMAGES = 256
 SWEEP_SEEDS = tuple(range(42, 50))
 SWEEP_SETTINGS = {  # label -> SpellRepellency inputs changed from the shipped diversity example
     "adaptive 1.1 until 60 % (the defaults)": dict(),
@@ -273,6 +277,31 @@ def batch_memory(nodes, executor, scorer, fig):
     return entry
 
 
+def fair_lora(nodes, executor, scorer, fig):
+    from spell_core.fairness import bias
+
+    prompt = load_example("spell_fair_lora", nodes)
+    lora, latent = node_of(prompt, "LoraLoaderModelOnly"), node_of(prompt, "EmptyLatentImage")
+    prompt[latent]["inputs"]["batch_size"] = FAIR_IMAGES
+    name = prompt[lora]["inputs"]["lora_name"]
+    fig.title(f"4. Fair LoRA: {FAIR_IMAGES} images of 'any digit', seed {prompt[node_of(prompt, 'KSampler')]['inputs']['seed']}"
+              f", first 8 shown", f"{name} (stock LoraLoaderModelOnly), trained toward equal shares of the ten digits; "
+              "under each image: the evaluator's digit")
+    entry = {"lora": name, "images": FAIR_IMAGES}
+    for variant, strength in (("base", 0.0), ("LoRA", prompt[lora]["inputs"]["strength_model"])):
+        g = copy.deepcopy(prompt)
+        g[lora]["inputs"]["strength_model"] = strength
+        latents = sampled(g, run(executor, g, f"spell_fair_lora ({variant})"))
+        classes = scorer(latents)[1]
+        counts = torch.bincount(classes, minlength=10)
+        entry[variant] = {"counts": counts.tolist(), "bias": round(bias(counts.double() / len(classes)), 4)}
+        top = int(counts.argmax())
+        fig.row(f"fair LoRA: {'base model (strength 0)' if not strength else f'LoRA, strength {strength:g}'}",
+                latents[:8], [f"digit {c}" for c in classes[:8].tolist()],
+                note=f"bias {entry[variant]['bias']:.3f}; most: {top}s {int(counts[top])}/{len(classes)}")
+    return entry
+
+
 # ------------------------------------------------------------------------------------------------ sweep
 def sweep(nodes, executor, scorer, seeds, out: Path) -> None:
     """The diversity example at SWEEP_SETTINGS over seeds; per setting: mean per-batch Vendi and distinct
@@ -332,7 +361,7 @@ def comfy_version() -> str:
 
 
 def summary(report: dict) -> str:
-    d, p, m = report["diversity"], report["protected set"], report["batch memory"]
+    d, p, m, f = report["diversity"], report["protected set"], report["batch memory"], report["fair LoRA"]
     mem = lambda v: ", ".join(f"run {k + 1} {e['min nearest earlier output RMS']:.3f}" for k, e in enumerate(m[v]) if k)
     return "\n".join([
         "SPELL main job: demo model, batch 8, 20 euler steps, SPELL vs the same graph with SPELL bypassed",
@@ -344,6 +373,8 @@ def summary(report: dict) -> str:
         f" -> {min(p['SPELL']['nearest reference RMS']):.3f}",
         f"  batch memory (r = {m['settings']['radius']:g}, seed {m['settings']['seed']} each run): closest output to earlier runs, "
         f"baseline {mem('baseline')}; SPELL {mem('SPELL')}; memory size {', '.join(str(e['memory size after the run']) for e in m['SPELL'])}",
+        f"  fair LoRA ({f['images']} images, {f['lora']}): bias {f['base']['bias']:.3f} -> {f['LoRA']['bias']:.3f}, digits "
+        f"0-9 {'/'.join(map(str, f['base']['counts']))} -> {'/'.join(map(str, f['LoRA']['counts']))}",
     ])
 
 
@@ -370,7 +401,8 @@ def main():
     fig = Figure(vae)
     report = {"diversity": diversity(nodes, executor, scorer, fig),
               "protected set": protected_set(nodes, executor, scorer, fig),
-              "batch memory": batch_memory(nodes, executor, scorer, fig)}
+              "batch memory": batch_memory(nodes, executor, scorer, fig),
+              "fair LoRA": fair_lora(nodes, executor, scorer, fig)}
     fig.save(out / "grid.png")
     rows = [it[1] for it in fig.items if it[0] == "row"]
     setup = {"model": "embedded demo model", "prompt": "any digit", "negative": "(empty)", "batch": 8,
