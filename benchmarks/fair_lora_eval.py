@@ -66,6 +66,8 @@ def main():
     ap.add_argument("--count-images", type=int, default=2000, help="images of the base model and of the LoRA drawn "
                     "in batches of 16 as well, for shares the count of --images alone cannot resolve (0: none)")
     ap.add_argument("--per-digit", type=int, default=64, help="images per single-digit prompt")
+    ap.add_argument("--robustness", type=float, default=0.1, help="the robustness the LoRA's training classifier "
+                    "was trained with (demo.train_fair_lora --robustness), to retrain the same one for the agreement")
     ap.add_argument("--skip-guidance", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -99,7 +101,7 @@ def main():
     # measure how often it agrees with the judge: a LoRA that fools it more than it changes digits lowers this
     digits, digit_labels = nodes["SpellDemoDigitExamples"]().load(140)
     steer = nodes["SpellLatentClassifierTrainer"]().train(model, vae, "(none)", "eval_steer", 64, 64, 40, 0.2, 0, True,
-                                                         digits, digit_labels)["result"][0]
+                                                         digits, digit_labels, robustness=args.robustness)["result"][0]
 
     def sample(m, batch, seed, cond=pos):
         return comfy.common_ksampler(m, seed, 20, 4.0, "euler", "normal", cond, neg,
@@ -124,7 +126,8 @@ def main():
                 "max_points_off": float(100 * (f - p).abs().max()), "precision": q["precision"],
                 "recall": q["recall"], "frechet": metrics.frechet_distance(real, feats)}
 
-    results = {"lora": args.lora, "target": args.target, "images": args.images, "methods": {}}
+    results = {"lora": args.lora, "target": args.target, "images": args.images, "robustness": args.robustness,
+               "methods": {}}
 
     def record(name, lat, seconds, batch):
         cls, feats = evaluate(lat)

@@ -119,6 +119,30 @@ def stratified_labels(p: torch.Tensor, batch: int, generator: torch.Generator | 
     return torch.repeat_interleave(torch.arange(p.numel()), base.long())
 
 
+def carried_labels(p: torch.Tensor, batch: int, iteration: int) -> torch.Tensor:
+    """The target labels [batch] of batch number ``iteration`` (0-based) when the fractional seats are carried over
+    from batch to batch instead of drawn: batch n gives each class its deficit (n+1)·batch·p_k − (seats it had in
+    batches 0..n−1), rounded down, and the seats left over to the largest remainders (ties to the lower class
+    index). Deterministic, so every image's assigned label is certain (confidence 1); over n batches every class
+    holds within one seat of n·batch·p_k. A pure function of the iteration (the earlier batches are replayed), so a
+    resumed training draws what it would have. Equals ``stratified_labels`` whenever p·batch is whole."""
+    p = torch.as_tensor(p, dtype=torch.float64)
+    seats = torch.zeros_like(p)
+    for n in range(iteration + 1):
+        deficit = (n + 1) * batch * p - seats
+        now = deficit.floor().clamp_min(0)
+        rest = batch - int(now.sum())
+        if rest > 0:
+            order = torch.argsort(-(deficit - now), stable=True)
+            now[order[:rest]] += 1
+        elif rest < 0:  # only by rounding of p summing to 1 ± ε: take seats back from the smallest remainders
+            order = torch.argsort(deficit - now, stable=True)
+            order = order[now[order] > 0]
+            now[order[:-rest]] -= 1
+        seats += now
+    return torch.repeat_interleave(torch.arange(p.numel()), now.long())
+
+
 def assign(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Exact assignment of target labels [B] to images with class probabilities probs [B, K]: returns y [B] with
     y a permutation of labels minimising Σ_i ||p_i − onehot(y_i)||₂ (Shen et al.'s DAL). Two classes: a sort."""

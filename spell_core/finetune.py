@@ -17,7 +17,8 @@
   replaced), exported with ComfyUI's key names (``lora_unet_<module path with _>.lora_up.weight`` /
   ``.lora_down.weight`` / ``.alpha``) so that ComfyUI's stock LoraLoader reads it.
 - ``LatentClassifier``: the attribute classifier the training uses, a small CNN on latents trained from labelled
-  examples (never the classifier a benchmark measures with).
+  examples (never the classifier a benchmark measures with), optionally adversarially (``adversarial_inputs``), so
+  that the LoRA trained through it has fewer patterns to fool it with.
 - ``FairTrainer``: the loop (AdamW, EMA of the LoRA weights, skipped non-finite steps, checkpoints that resume
   exactly, a log of losses and gradient norms), over callables so that it never imports ComfyUI.
 
@@ -36,10 +37,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fairness import assign, stratified_labels
+from .fairness import assign, carried_labels, stratified_labels
 from .storage import StorageError, atomic_save, atomic_write_json, read_safetensors
 
-DRAWS = ("stratified", "iid")
+DRAWS = ("stratified", "iid", "carried")
 GRADIENTS = ("adjusted", "naive")
 CLASSIFIER_FORMAT = "spell-latent-classifier/1"
 CHECKPOINT_FORMAT = "spell-fair-lora-checkpoint/1"
@@ -69,7 +70,8 @@ def _multinomial_log_pmf(counts, p: torch.Tensor) -> float:
 
 
 def alignment_targets(probs: torch.Tensor, target: torch.Tensor, draw: str = "stratified", samples: int = 256,
-                      generator: torch.Generator | None = None, exact_limit: int = EXACT_LIMIT) -> torch.Tensor:
+                      generator: torch.Generator | None = None, exact_limit: int = EXACT_LIMIT,
+                      iteration: int = 0) -> torch.Tensor:
     """Expected assigned label q [B, K] of each image, given its class probabilities probs [B, K] and the target
     distribution target [K].
 
@@ -78,6 +80,10 @@ def alignment_targets(probs: torch.Tensor, target: torch.Tensor, draw: str = "st
     multinomial label counts while there are at most exact_limit of them, else the mean over `samples` draws.
     draw "stratified": each draw holds floor(B·target_k) labels of class k and the remaining seats drawn in
     proportion to the fractional parts (``fairness.stratified_labels``); one draw when B·target is whole.
+    draw "carried": the one label set of batch number ``iteration`` when the fractional seats are carried over
+    from batch to batch (``fairness.carried_labels``), so q is one-hot: with a target whose seats are not whole
+    (30 % ones and 7.78 % each other digit, at batch 20), the stratified draw leaves most images' confidence below
+    0.8 and trains them toward nothing.
     """
     p = probs.detach().double().cpu()
     t = torch.as_tensor(target, dtype=torch.float64).cpu()
@@ -87,6 +93,9 @@ def alignment_targets(probs: torch.Tensor, target: torch.Tensor, draw: str = "st
     if draw not in DRAWS:
         raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
     q = torch.zeros(b, k, dtype=torch.float64)
+    if draw == "carried":
+        q[torch.arange(b), assign(p, carried_labels(t, b, iteration))] = 1
+        return q.float()
     if draw == "stratified":
         whole = bool(torch.allclose(t * b, (t * b).round(), atol=1e-9))
         n = 1 if whole else samples
@@ -318,17 +327,44 @@ class LatentClassifier(nn.Module):
         return net.eval()
 
 
+def adversarial_inputs(net: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float, steps: int = 3) -> torch.Tensor:
+    """x moved within an L2 ball of radius·sqrt(x[0].numel()) per example (in units of net.std, so radius is the
+    RMS change per value in standard deviations) toward another class: projected gradient ascent on the logit
+    margin max_{j≠y} l_j − l_y (which, unlike the cross-entropy, does not vanish on confident examples) with
+    normalised steps of 2.5·radius/steps (Madry et al., 2018; Carlini and Wagner, 2017). Training on these makes
+    the classifier robust within that radius, and a robust classifier's gradient points more at changes of the
+    class itself than at small patterns no other network reads (Santurkar et al., 2019): the LoRA trained through
+    it has fewer such patterns to exploit."""
+    scale = net.std[:, None, None].to(x)
+    ball = radius * math.sqrt(x[0].numel())
+    delta = torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logits = net(x + delta * scale)
+        own = logits.gather(1, y[:, None])[:, 0]
+        other = logits.scatter(1, y[:, None], -math.inf).max(1).values
+        (grad,) = torch.autograd.grad((other - own).sum(), delta)
+        norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+        delta = delta.detach() + (2.5 * ball / steps) * grad / norm
+        delta = delta * (ball / delta.flatten(1).norm(dim=1).clamp_min(ball)[:, None, None, None])
+    return (x + delta * scale).detach()
+
+
 def train_classifier(latents: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], epochs: int = 60,
-                     held_out: float = 0.2, seed: int = 0, noise: float = 0.05, progress=None) -> LatentClassifier:
+                     held_out: float = 0.2, seed: int = 0, noise: float = 0.05, progress=None,
+                     robustness: float = 0.0) -> LatentClassifier:
     """Trains a LatentClassifier on latents [N, C, h, w] with labels [N] (AdamW, batches of 64, small Gaussian
-    noise on the inputs); held-out accuracy (held_out of each class) in .meta, then refitted on every example."""
+    noise on the inputs); held-out accuracy (held_out of each class) in .meta, then refitted on every example.
+    robustness > 0: adversarial training, each batch replaced by ``adversarial_inputs`` at that radius (the
+    held-out accuracy is measured on the clean examples, and on examples attacked at the same radius)."""
     from .fairness import split_held_out
 
     with torch.inference_mode(False), torch.enable_grad():
         latents, labels = latents.detach().clone().float(), labels.detach().clone().long()
         g = torch.Generator().manual_seed(seed)
         test = split_held_out(labels, held_out, g) if held_out > 0 else torch.zeros(len(labels), dtype=torch.bool)
-        meta = {"examples": len(labels), "held_out": int(test.sum()), "seed": seed, "epochs": epochs}
+        meta = {"examples": len(labels), "held_out": int(test.sum()), "seed": seed, "epochs": epochs,
+                "robustness": robustness}
         runs = [(~test, True), (torch.ones_like(test), False)] if test.any() else [(~test, False)]
         for mask, measure in runs:
             torch.manual_seed(seed)
@@ -342,6 +378,8 @@ def train_classifier(latents: torch.Tensor, labels: torch.Tensor, classes: Seque
                 for a in range(0, len(y), 64):
                     i = order[a:a + 64]
                     xb = x[i] + noise * torch.randn(x[i].shape, generator=g) * net.std[:, None, None]
+                    if robustness > 0:
+                        xb = adversarial_inputs(net, xb, y[i], robustness)
                     loss = F.cross_entropy(net(xb), y[i])
                     opt.zero_grad()
                     loss.backward()
@@ -352,6 +390,11 @@ def train_classifier(latents: torch.Tensor, labels: torch.Tensor, classes: Seque
                 with torch.no_grad():
                     meta["held_out_accuracy"] = float((net.eval()(latents[test]).argmax(1) == labels[test])
                                                       .float().mean())
+                if robustness > 0:
+                    attacked = adversarial_inputs(net, latents[test], labels[test], robustness)
+                    with torch.no_grad():
+                        meta["held_out_attacked_accuracy"] = float((net(attacked).argmax(1) == labels[test])
+                                                                   .float().mean())
         net.meta = meta
         return net.eval()
 
@@ -373,7 +416,7 @@ class FairLoRAConfig:
     ema_warmup: bool = False       # True: decay min(ema, (1+k)/(10+k)) at update k (0 at the first), diffusers'
                                    # EMAModel; measured worse on the demo (docs/fairness_finetune.md)
     threshold: float = 0.8         # confidence C
-    draw: str = "stratified"       # or "iid" (the paper's)
+    draw: str = "stratified"       # or "iid" (the paper's), or "carried" (fractional seats carried across batches)
     gradient: str = "adjusted"     # or "naive"
     keep_weight: float = 8.0       # semantics preservation, as the paper's weight 8 (on 1 - cos of latents)
     mismatch_weight: float = 0.3   # preservation weight of images assigned another class than the frozen model's
@@ -449,7 +492,8 @@ class FairTrainer:
             ref_class = t.classify(reference).argmax(1)
         x = sample_chain(t.denoiser(prompt, True), noise, sigmas, c.gradient, scales)
         logits = t.classify(x)
-        q = alignment_targets(logits.detach().softmax(1), t.target, c.draw, generator=self.generator)
+        q = alignment_targets(logits.detach().softmax(1), t.target, c.draw, generator=self.generator,
+                              iteration=self.iteration)
         y, keep = confident_labels(q, c.threshold)
         align = alignment_loss(logits, y, keep)
         w = torch.where(y == ref_class, 1.0, c.mismatch_weight)

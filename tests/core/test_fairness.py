@@ -78,6 +78,26 @@ def test_batch_counts_make_up_for_earlier_runs():
     assert F.batch_counts(torch.tensor([0, 0]), torch.tensor([0.75, 0.25]), 4).tolist() == [3, 1]
 
 
+def test_carried_labels_keep_every_class_within_one_seat_of_its_share():
+    skewed = torch.tensor([0.3] + [0.7 / 9] * 9)
+    seats = torch.zeros(10)
+    for n in range(40):
+        y = F.carried_labels(skewed, 20, n)
+        assert y.numel() == 20 and torch.equal(y, F.carried_labels(skewed, 20, n))  # a function of n alone
+        seats += torch.bincount(y, minlength=10)
+        assert (seats - (n + 1) * 20 * skewed).abs().max() < 1 + 1e-9, (n, seats)
+    assert torch.bincount(F.carried_labels(skewed, 20, 0), minlength=10)[0] == 6
+    # whole seats: the same labels as the stratified draw, every batch
+    g = torch.Generator().manual_seed(0)
+    for n in range(5):
+        assert torch.equal(F.carried_labels(torch.full((10,), 0.1), 20, n),
+                           F.stratified_labels(torch.full((10,), 0.1), 20, g))
+    # a class of share below one seat per batch still gets its seat every few batches
+    rare = torch.tensor([0.95, 0.05])
+    got = torch.stack([torch.bincount(F.carried_labels(rare, 4, n), minlength=2) for n in range(10)])
+    assert got[:, 1].sum() == 2 and got.sum(1).eq(4).all()
+
+
 def test_stratified_labels_match_whole_targets_exactly():
     for seed in range(5):
         g = torch.Generator().manual_seed(seed)

@@ -47,6 +47,21 @@ def test_classifier_trainer_saves_a_loadable_classifier(comfy, demo):
     assert torch.equal(back(z), clf(z))
 
 
+def test_robust_classifier_reports_its_attacked_accuracy_and_refuses_nan(comfy, demo):
+    nodes = comfy.NODE_CLASS_MAPPINGS
+    model = demo[0]
+    images, labels = nodes["SpellDemoDigitExamples"]().load(8)
+    node = nodes["SpellLatentClassifierTrainer"]()
+    out = node.train(model, nodes["SpellDemoModelLoader"]().load()[1], "(none)", "test_robust", 64, 64, 4, 0.2, 0,
+                     True, images, labels, robustness=0.1)
+    clf, report = out["result"]
+    assert clf.meta["robustness"] == 0.1 and 0 <= clf.meta["held_out_attacked_accuracy"] <= 1
+    assert "attacked at robustness 0.1" in report and report in out["ui"]["text"]
+    with pytest.raises(ValueError, match="SpellLatentClassifierTrainer: robustness must be a finite number"):
+        node.train(model, None, "(none)", "test_robust_nan", 64, 64, 4, 0.2, 0, True, images, labels,
+                   robustness=float("nan"))
+
+
 def test_the_lora_is_read_by_stock_lora_loader_model_only_and_the_input_model_is_unchanged(comfy, demo):
     model, clf, pos, neg = demo
     before = sample(comfy, model, (pos, neg), 2)
