@@ -7,6 +7,7 @@ from __future__ import annotations
 import comfy.model_management
 
 from ..spell_core.calibration import KINDS, calibrate_images
+from ..spell_core.variants import PRESETS as VARIANT_PRESETS
 from .common import SpellInputError
 from .report import image_batch
 
@@ -22,8 +23,9 @@ class SpellShieldCalibration:
         "resize back, small shifts, a mirror image, JPEG re-compression, colour changes), encodes everything with "
         "the VAE into the model's latent space, and suggests the smallest r that holds 95% of the near-copies, with "
         "the share of distinct images (other protected images, or the images you connect) that r would also catch. "
-        "Connect the images at the size you generate at; wire the radius output into SPELL Sparse Repellency's "
-        "radius (converted to an input). It does not sample."
+        "Connect the images at the size you generate at; set variants as SPELL Protected Set Loader's is set (with "
+        "'shifts + zoom' a shifted or cropped copy is caught at a much smaller r); wire the radius output into SPELL "
+        "Sparse Repellency's radius (converted to an input). It does not sample."
     )
     RETURN_TYPES = ("IMAGE", "STRING", "FLOAT")
     RETURN_NAMES = ("histogram", "report", "radius")
@@ -59,18 +61,25 @@ class SpellShieldCalibration:
                 "distinct_images": ("IMAGE", {"tooltip":
                     "Images that must NOT count as copies (other artwork, a held-out set), the same size as the "
                     "protected images. Not connected: each protected image against its nearest other one."}),
+                "variants": (list(VARIANT_PRESETS), {"default": "none", "tooltip":
+                    "The versions of each image the shield holds: choose what SPELL Protected Set Loader's variants "
+                    "is set to. Near-copies are then measured to the nearest version of their source, distinct "
+                    "images to the nearest version of any protected image."}),
             },
         }
 
-    def calibrate(self, model, vae, images, copies_per_image, seed, flip, distinct_images=None):
+    def calibrate(self, model, vae, images, copies_per_image, seed, flip, distinct_images=None, variants="none"):
         self.check(images, copies_per_image, distinct_images)
+        if variants not in VARIANT_PRESETS:
+            raise SpellInputError(self.NODE_ID, f"variants must be one of {list(VARIANT_PRESETS)}, got {variants!r}.")
 
         def encode(pixels):
             comfy.model_management.throw_exception_if_processing_interrupted()
             return model.model.process_latent_in(vae.encode(pixels).float())
 
         kinds = KINDS if flip else tuple(k for k in KINDS if k != "flip")
-        result = calibrate_images(images, encode, copies_per_image, seed, kinds, distinct_images)
+        result = calibrate_images(images, encode, copies_per_image, seed, kinds, distinct_images,
+                                  variants_name=variants)
         text = result.text()
         return {"ui": {"text": [text]}, "result": (image_batch([result.chart()]), text, result.radius)}
 

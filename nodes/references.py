@@ -21,9 +21,15 @@ from ..spell_core.index import BACKENDS, INDEX_FILE, ReferenceIndex
 from ..spell_core.paths import contained, find_in
 from ..spell_core.references import RESIZE_MODES, EncodingCache, encode_folder, fingerprint_tensors, fit_batch, list_images
 from ..spell_core.storage import inside
+from ..spell_core.variants import PRESETS as VARIANT_PRESETS, describe, make, preset
 from .common import SpellInputError, user_folder
 
 SETS = "spell_sets"
+VARIANTS_TOOLTIP = (
+    "Versions of each image (folder and images) the shield holds: shifted by 3% of the side each way, also zoomed "
+    "5%, also mirrored (9, 18, 36 references per image). A copy that is shifted or cropped a little lies far from "
+    "its source in latent space but close to the version moved the same way, so a small radius catches it. Use the "
+    "same choice in SPELL Shield Calibration when you measure r. Set files and latents are used as they are.")
 NONE = "(none)"
 SHARD_ROWS = 4096  # latents per shard of an index folder: the work a cancelled build can lose
 if SETS not in folder_paths.folder_names_and_paths:
@@ -96,7 +102,8 @@ class SpellProtectedSetLoader:
         "Builds a protected set: reference latents that SPELL Sparse Repellency keeps outputs away from. Sources "
         "(all that are given are combined): a folder of images under ComfyUI's input folder, a saved set file "
         "(models/spell_sets), an IMAGE batch, a LATENT. Images are fitted to width x height and encoded with the "
-        "connected VAE; encodings are cached, so a re-run does not encode again."
+        "connected VAE; encodings are cached, so a re-run does not encode again. variants: the shield also holds "
+        "shifted, zoomed and mirrored versions of each image, so shifted or cropped copies are caught at a small radius."
     )
     RETURN_TYPES = ("SPELL_REFERENCES", "STRING")
     RETURN_NAMES = ("references", "summary")
@@ -121,6 +128,7 @@ class SpellProtectedSetLoader:
                 "vae": ("VAE", {"tooltip": "The VAE of the model you sample with; needed for folders and images."}),
                 "images": ("IMAGE", {"tooltip": "Images to protect (encoded with the VAE)."}),
                 "latent": ("LATENT", {"tooltip": "Latents to protect, as they are."}),
+                "variants": (list(VARIANT_PRESETS), {"default": "none", "tooltip": VARIANTS_TOOLTIP}),
             },
         }
 
@@ -135,17 +143,19 @@ class SpellProtectedSetLoader:
                     h.update(f"{set_file}:{os.stat(path).st_mtime_ns}".encode())
         return h.hexdigest()
 
-    def load(self, folder, set_file, width, height, resize, vae=None, images=None, latent=None):
+    def load(self, folder, set_file, width, height, resize, vae=None, images=None, latent=None, variants="none"):
+        if variants not in VARIANT_PRESETS:
+            raise SpellInputError(self.NODE_ID, f"variants must be one of {list(VARIANT_PRESETS)}, got {variants!r}.")
         if width % 8 or height % 8:
             raise SpellInputError(self.NODE_ID, f"width and height must be multiples of 8, got {width} x {height}.")
         parts = []
         try:
             if folder != NONE:
-                parts.append(self.from_folder(folder, width, height, resize, vae))
+                parts.append(self.from_folder(folder, width, height, resize, vae, variants))
             if set_file != NONE:
                 parts.append(self.from_file(set_file))
             if images is not None:
-                parts.append(self.from_images(images, width, height, resize, vae))
+                parts.append(self.from_images(images, width, height, resize, vae, variants))
             if latent is not None:
                 parts.append(ReferenceSet(latent["samples"].detach().float().cpu(), {"sources": ["LATENT input"]}))
         except StorageError as e:
@@ -161,16 +171,18 @@ class SpellProtectedSetLoader:
         summary = f"{len(refs)} references, latent shape {refs.item_shape}, from: " + "; ".join(refs.meta.get("sources", []))
         return (refs, summary)
 
-    def load_and_show(self, folder, set_file, width, height, resize, vae=None, images=None, latent=None):
+    def load_and_show(self, folder, set_file, width, height, resize, vae=None, images=None, latent=None,
+                      variants="none"):
         """What ComfyUI calls: ``load``, with the summary also shown on the node."""
-        refs, summary = self.load(folder, set_file, width, height, resize, vae=vae, images=images, latent=latent)
+        refs, summary = self.load(folder, set_file, width, height, resize, vae=vae, images=images, latent=latent,
+                                  variants=variants)
         return {"ui": {"text": [summary]}, "result": (refs, summary)}
 
     def need_vae(self, vae, what):
         if vae is None:
             raise SpellInputError(self.NODE_ID, f"{what} must be encoded: connect the VAE of the model you sample with.")
 
-    def from_folder(self, folder, width, height, resize, vae):
+    def from_folder(self, folder, width, height, resize, vae, variants="none"):
         self.need_vae(vae, f"the images of folder {folder!r}")
         path = inside(folder_paths.get_input_directory(), folder)
         if not path.is_dir():
@@ -178,8 +190,15 @@ class SpellProtectedSetLoader:
         images_inside(folder_paths.get_input_directory(), folder)  # an image linked out of input/: refused
         bar = comfy.utils.ProgressBar(max(len(list_images(path)), 1))
         latents, _ = encode_folder(path, width, height, resize, fingerprint_tensors(vae.get_sd()), vae.encode,
-                                   ContainedCache(user_folder("encodings")), lambda done, total: bar.update_absolute(done, total))
-        return ReferenceSet(latents, {"sources": [f"folder {folder} ({len(latents)} images, {width}x{height}, {resize})"]})
+                                   ContainedCache(user_folder("encodings")), lambda done, total: bar.update_absolute(done, total),
+                                   variants)
+        n = len(latents) // preset(variants).count
+        return ReferenceSet(latents, {"sources": [f"folder {folder} ({n} images, {width}x{height}, {resize}"
+                                                  + self.versions(variants, len(latents)) + ")"]})
+
+    @staticmethod
+    def versions(variants, n_latents):
+        return "" if preset(variants).count == 1 else f"; {describe(variants)}: {n_latents} references"
 
     def from_file(self, set_file):
         fix = f"remove that link: set files and index folders must lie in models/{SETS} itself"
@@ -201,11 +220,13 @@ class SpellProtectedSetLoader:
                                 + (f"; {warm.summary()}" if warm is not None else "") + ")"]
         return refs
 
-    def from_images(self, images, width, height, resize, vae):
+    def from_images(self, images, width, height, resize, vae, variants="none"):
         self.need_vae(vae, "the connected images")
         pixels = torch.from_numpy(fit_batch(images.detach().cpu().numpy(), width, height, resize))
-        latents = torch.cat([vae.encode(pixels[i:i + 1]).detach().float().cpu() for i in range(len(pixels))])
-        return ReferenceSet(latents, {"sources": [f"IMAGE input ({len(latents)}, {width}x{height}, {resize})"]})
+        spec = preset(variants)
+        latents = torch.cat([vae.encode(make(pixels[i:i + 1], spec)).detach().float().cpu() for i in range(len(pixels))])
+        return ReferenceSet(latents, {"sources": [f"IMAGE input ({len(pixels)}, {width}x{height}, {resize}"
+                                                  + self.versions(variants, len(latents)) + ")"]})
 
 
 class SpellProtectedSetSave:

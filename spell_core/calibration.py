@@ -12,6 +12,11 @@ so it is measured rather than guessed:
    protected image (by default the distinct images are the protected images themselves, each against the nearest
    *other* one); r is the smallest value (3 significant digits) that at least ``target`` of the near-copies lie
    strictly inside, and the report says what share of distinct images r would also catch.
+
+When the shield holds variants of each protected image (``spell_core.variants``: shifted, zoomed, mirrored
+versions, as SPELL Protected Set Loader's ``variants`` makes them), the distances are taken to the nearest variant:
+a near-copy to the nearest version of its own source, a distinct image to the nearest version of any protected
+image (by default, of any *other* one).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import charts
+from . import charts, variants
 from .repellency import flat32, nearest
 
 KINDS = ("crop", "shift", "flip", "jpeg", "colour")
@@ -59,9 +64,7 @@ def shift(x: torch.Tensor, rng: np.random.Generator, s: Strengths) -> torch.Tens
     the edge rows and columns repeated into the gap."""
     h, w = x.shape[:2]
     dy, dx = (int(rng.integers(1, max(1, round(s.shift * n)) + 1)) * int(rng.choice((-1, 1))) for n in (h, w))
-    rows = torch.arange(h).sub(dy).clamp(0, h - 1)
-    cols = torch.arange(w).sub(dx).clamp(0, w - 1)
-    return x[rows][:, cols]
+    return variants.shifted(x, dy, dx)
 
 
 def flip(x: torch.Tensor, rng: np.random.Generator, s: Strengths) -> torch.Tensor:
@@ -176,6 +179,8 @@ class ShieldCalibration:
     distinct_distances: torch.Tensor  # [K] RMS distance of each distinct image to its nearest protected image
     distinct_what: str  # "other protected images" or "supplied distinct images"
     n_protected: int
+    per_image: int = 1  # versions of each protected image the shield holds (spell_core.variants)
+    variants_what: str = ""  # how they were made, for the report
     balanced: float | None = None  # set when the two overlap (false positives above max_false_positive)
     notes: list[str] = field(default_factory=list)
 
@@ -204,10 +209,13 @@ class ShieldCalibration:
         c, d = self.copy_distances, self.distinct_distances
         lines = [
             f"suggested shield radius r = {self.radius:.3g} (RMS, the model's latent space)",
+            f"shield: {self.n_protected} protected images, "
+            + (f"{self.variants_what}: {self.n_protected * self.per_image} references; distances to the nearest "
+               f"version" if self.per_image > 1 else "each as it is (variants: none)"),
             f"near-copies inside r: {100 * self.coverage:.1f}% of {c.numel()} (target >= {100 * self.target:g}%)",
             f"distinct images inside r: {100 * self.false_positive:.1f}% of {d.numel()} ({self.distinct_what}; "
             f"target <= {100 * self.max_false_positive:g}%)",
-            f"near-copy distance to its source: median {quantile(c, 0.5):.3g}, 95% {quantile(c, 0.95):.3g}, "
+            f"near-copy distance to its source{' (its nearest version)' if self.per_image > 1 else ''}: median {quantile(c, 0.5):.3g}, 95% {quantile(c, 0.95):.3g}, "
             f"max {float(c.max()):.3g}",
             f"distinct distance to the nearest protected image: min {float(d.min()):.3g}, 5% {quantile(d, 0.05):.3g}, "
             f"median {quantile(d, 0.5):.3g}",
@@ -225,12 +233,15 @@ class ShieldCalibration:
                 f"distinct images. Where the two errors balance, r = {self.balanced:.3g} misses {100 * miss:.1f}% of "
                 f"the near-copies and catches {100 * share_below(d, self.balanced):.1f}% of the distinct images. "
                 f"Choose which error costs more, or check whether the distinct images are near-duplicates of "
-                f"protected ones.")
+                f"protected ones." + (" Where shifts or crops need the largest r (per kind above), try variants "
+                                      "'shifts + zoom' here and in SPELL Protected Set Loader: the shield then holds "
+                                      "shifted and zoomed versions of each image." if self.per_image == 1 else ""))
         return "\n".join(lines + self.notes)
 
     def chart(self, title: str = "SPELL Shield Calibration") -> np.ndarray:
         """The two distance histograms with r (``charts.calibration_chart``), [H, W, 3] uint8."""
-        subtitle = (f"{self.n_protected} protected images, {self.copy_distances.numel()} near-copies "
+        subtitle = (f"{self.n_protected} protected images" + (f" x {self.per_image} versions" if self.per_image > 1
+                                                               else "") + f", {self.copy_distances.numel()} near-copies "
                     f"({', '.join(dict.fromkeys(self.copy_kinds))}), {self.distinct_distances.numel()} "
                     f"{self.distinct_what}\ninside r = {self.radius:.3g}: near-copies {100 * self.coverage:.1f}%, "
                     f"distinct images {100 * self.false_positive:.1f}%")
@@ -244,10 +255,11 @@ def quantile(d: torch.Tensor, q: float) -> float:
 
 def calibrate(protected: torch.Tensor, copies: torch.Tensor, source: torch.Tensor, kinds: list[str],
               distinct: torch.Tensor | None = None, target: float = 0.95,
-              max_false_positive: float = 0.05) -> ShieldCalibration:
-    """protected [N, ...], copies [M, ...] (copy m made from protected[source[m]], of kind kinds[m]), distinct
-    [K, ...] or None (then each protected image against its nearest other one; needs N ≥ 2), all latents in the
-    model's space -> the suggested radius and what it covers."""
+              max_false_positive: float = 0.05, per_image: int = 1, variants_what: str = "") -> ShieldCalibration:
+    """protected [N·per_image, ...] (image-major: rows i·per_image .. the versions of image i, the first one the image
+    itself, as ``variants.make`` orders them), copies [M, ...] (copy m made from image source[m], of kind kinds[m]),
+    distinct [K, ...] or None (then each protected image against the nearest version of any other one; needs
+    N ≥ 2), all latents in the model's space -> the suggested radius and what it covers."""
     if protected.shape[1:] != copies.shape[1:] or (distinct is not None and distinct.shape[1:] != protected.shape[1:]):
         raise ValueError(f"latents of different shapes: protected {tuple(protected.shape[1:])}, near-copies "
                          f"{tuple(copies.shape[1:])}" + ("" if distinct is None else
@@ -257,20 +269,34 @@ def calibrate(protected: torch.Tensor, copies: torch.Tensor, source: torch.Tenso
                          f"{source.numel()} sources, {len(kinds)} kinds")
     if distinct is not None and distinct.shape[0] == 0:
         raise ValueError("the distinct set is empty: give at least one image, or none (then the protected images)")
-    own = flat32(protected)[source.to(protected.device)]
-    copy_d = rms_pairs(flat32(copies), own)
+    if per_image < 1 or protected.shape[0] % per_image:
+        raise ValueError(f"{protected.shape[0]} protected latents are not {per_image} versions per image")
+    n = protected.shape[0] // per_image
+    if int(source.max()) >= n or int(source.min()) < 0:
+        raise ValueError(f"near-copy sources must index the {n} protected images, got {int(source.min())}..{int(source.max())}")
+    source = source.to(protected.device)
+    if per_image == 1:
+        copy_d = rms_pairs(flat32(copies), flat32(protected)[source])
+    else:  # each near-copy against the nearest version of its own source
+        versions = flat32(protected).reshape(n, per_image, -1)
+        copy_d = torch.empty(copies.shape[0], dtype=torch.float32, device=protected.device)
+        flat = flat32(copies)
+        for i in source.unique().tolist():
+            rows = (source == i).nonzero()[:, 0]
+            copy_d[rows] = nearest(flat[rows], versions[i])
     if distinct is None:
-        if protected.shape[0] < 2:
+        if n < 2:
             raise ValueError("the distinct images default to the other protected images: give at least 2")
-        n = protected.shape[0]
-        distinct_d = nearest(protected, protected, ~torch.eye(n, dtype=torch.bool, device=protected.device))
+        owner = torch.arange(n, device=protected.device).repeat_interleave(per_image)
+        others = owner[None, :] != torch.arange(n, device=protected.device)[:, None]
+        distinct_d = nearest(protected[::per_image], protected, others)
         what = "other protected images"
     else:
         distinct_d = nearest(distinct, protected)
         what = "supplied distinct images"
     copy_d, distinct_d = copy_d.float().cpu(), distinct_d.float().cpu()
     result = ShieldCalibration(covering_radius(copy_d, target), target, max_false_positive, copy_d, list(kinds),
-                               distinct_d, what, int(protected.shape[0]))
+                               distinct_d, what, n, per_image, variants_what)
     if result.overlap:
         result.balanced = balanced_radius(copy_d, distinct_d)
     return result
@@ -278,14 +304,18 @@ def calibrate(protected: torch.Tensor, copies: torch.Tensor, source: torch.Tenso
 
 def calibrate_images(images: torch.Tensor, encode, copies: int, seed: int = 0, kinds=KINDS,
                      distinct_images: torch.Tensor | None = None, batch: int = 16,
-                     strengths: Strengths = Strengths()) -> ShieldCalibration:
-    """The whole calibration from pixel images [N, H, W, C] in 0..1: near-copies made, everything encoded with
-    ``encode`` (pixels [B, H, W, C] -> latents in the model's space), ``batch`` images per call, then measured."""
+                     strengths: Strengths = Strengths(), variants_name: str = "none") -> ShieldCalibration:
+    """The whole calibration from pixel images [N, H, W, C] in 0..1: near-copies made, the shield's versions of
+    each image made (``variants.PRESETS[variants_name]``, as SPELL Protected Set Loader makes them), everything
+    encoded with ``encode`` (pixels [B, H, W, C] -> latents in the model's space), ``batch`` images per call, then
+    measured."""
+    spec = variants.preset(variants_name)
     pixels, source, kind = near_copies(images, copies, seed, kinds, strengths)
 
     def encoded(x):
         return torch.cat([encode(x[a:a + batch]).detach().float().cpu() for a in range(0, x.shape[0], batch)])
 
-    protected = encoded(images.detach().float().cpu())
+    protected = encoded(variants.make(images.detach().float().cpu(), spec))
     distinct = None if distinct_images is None else encoded(distinct_images.detach().float().cpu())
-    return calibrate(protected, encoded(pixels), source, kind, distinct)
+    return calibrate(protected, encoded(pixels), source, kind, distinct, per_image=spec.count,
+                     variants_what=variants.describe(variants_name))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .variants import make as make_variants, preset as variant_preset
 from .storage import StorageError, check_finite, load_latents, save_latents
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -172,20 +173,24 @@ class EncodingCache:
 
 
 def encode_folder(folder: Path, width: int, height: int, mode: str, encoder: str, encode, cache: EncodingCache,
-                  progress=None) -> tuple[torch.Tensor, int]:
-    """Encodes every image of folder with encode(images [1, H, W, 3]) -> latents [1, ...], reusing cache.
+                  progress=None, variants_name: str = "none") -> tuple[torch.Tensor, int]:
+    """Encodes every image of folder with encode(images [B, H, W, 3]) -> latents [B, ...], reusing cache; each
+    image as the versions ``variants.PRESETS[variants_name]`` makes (one, itself, for "none").
 
-    Returns (latents [N, ...], number of images actually encoded). progress(done, total) is called per image.
+    Returns (latents [N·versions, ...], image-major, number of images actually encoded). progress(done, total) is
+    called per image.
     """
+    spec = variant_preset(variants_name)
     files = list_images(folder)
     if not files:
         raise StorageError(f"folder {folder.name!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     out, encoded = [], 0
     for n, path in enumerate(files):
-        key = cache.key(path.read_bytes(), encoder, width, height, mode)
+        key = cache.key(path.read_bytes(), encoder, width, height,
+                        mode if spec.count == 1 else f"{mode}|variants {variants_name}")
         latent = cache.get(key)
-        if latent is None:
-            pixels = torch.from_numpy(read_image(path, width, height, mode))[None]
+        if latent is None or latent.shape[0] != spec.count:
+            pixels = make_variants(torch.from_numpy(read_image(path, width, height, mode))[None], spec)
             latent = encode(pixels).detach().to("cpu", torch.float32)
             check_finite(latent, f"the encoding of {path.name}")
             cache.put(key, latent)

@@ -7,7 +7,7 @@ import torch
 from helpers import model_space
 
 
-def demo_graph():
+def demo_graph(variants=None):
     """Baseline: KSampler on the demo model (prompt "1", batch 4, 4 steps), decoded; those images are the protected
     set and are calibrated (5 near-copies each, no mirror images); SPELL, with the suggested radius linked into its radius
     input, samples the same seed again (SPELL Report, an output node, makes it run)."""
@@ -32,7 +32,13 @@ def demo_graph():
         "10": {"class_type": "KSampler", "inputs": {"model": ["9", 0], **sampler}},
         "11": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
         "12": {"class_type": "SpellReport", "inputs": {"model": ["9", 0], "samples": ["10", 0]}},  # runs node 10
-    }
+    } if variants is None else with_variants(demo_graph(), variants)
+
+
+def with_variants(graph, variants):
+    """The same graph with the loader's and the calibration's variants set (the two must agree)."""
+    graph["7"]["inputs"]["variants"] = graph["8"]["inputs"]["variants"] = variants
+    return graph
 
 
 def test_suggested_radius_wired_into_spell_shields_the_copies(comfy, executor):
@@ -88,3 +94,63 @@ def test_inputs_it_cannot_measure_are_refused_naming_the_fix(calibrate):
     small = torch.nn.functional.interpolate(digits[10:].permute(0, 3, 1, 2), size=(32, 32)).permute(0, 2, 3, 1)
     with pytest.raises(ValueError, match=r"SpellShieldCalibration: distinct_images are 32x32 .* resize them to 64x64"):
         run(digits[:10], 2, distinct=small)
+
+
+def test_shield_with_variants_keeps_outputs_off_every_version(comfy, executor):
+    """Loader and calibration both set to "shifts + zoom", through ComfyUI's executor: the protected set holds 18
+    versions of each of the 4 images (the loader's summary says so, and the first of each block is the plain
+    encoding), the report measures to the nearest version, and SPELL at the suggested r keeps every output at least r
+    from every version, shifted and zoomed ones included."""
+    from spell_core.variants import make, preset
+
+    result = executor.run(demo_graph("shifts + zoom"))
+    assert result.success, result.error
+    refs, summary = result.outputs["8"]
+    assert len(refs) == 4 * 18 and "18 versions of each image" in summary and "72 references" in summary
+    _, report, radius = result.outputs["7"]
+    assert "4 protected images, 18 versions of each image" in report and "72 references" in report
+    model, vae, _ = comfy.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]().load()
+    pixels = result.outputs["6"][0]
+    assert torch.equal(refs.latents, vae.encode(make(pixels, preset("shifts + zoom"))).float())
+    versions = model_space(model, refs.latents).flatten(1).double()
+    shielded = model_space(model, result.outputs["10"][0]["samples"]).flatten(1).double()
+    d = torch.cdist(shielded, versions) / versions.shape[1] ** 0.5
+    assert float(d.min()) >= radius
+    plain = executor.run(demo_graph())
+    assert plain.success and radius < plain.outputs["7"][2]  # the versions absorb the shifts: a smaller r
+
+
+def test_loader_folder_with_variants_and_refusals(comfy, executor):
+    """A folder under input/ with variants "shifts": 9 references per image, encoded once (a re-run reads the
+    encoding cache, the plain encoding stays as it was); an unknown variants value is refused with the node's name."""
+    import folder_paths
+    from PIL import Image
+    from pathlib import Path
+
+    from spell_core import ReferenceSet
+
+    folder = Path(folder_paths.get_input_directory(), "variants_images")
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(3):
+        Image.new("RGB", (64, 64), (30 + 60 * k, 200 - 50 * k, 90)).save(folder / f"{k}.png")
+    loader = comfy.NODE_CLASS_MAPPINGS["SpellProtectedSetLoader"]()
+    vae = comfy.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]().load()[1]
+    plain, _ = loader.load("variants_images", "(none)", 64, 64, "center crop", vae=vae)
+    nine, summary = loader.load("variants_images", "(none)", 64, 64, "center crop", vae=vae, variants="shifts")
+    assert len(plain) == 3 and len(nine) == 27 and torch.equal(nine.latents[::9], plain.latents)
+    assert "folder variants_images (3 images" in summary and "27 references" in summary
+    graph = {"1": {"class_type": "SpellDemoModelLoader", "inputs": {}},
+             "2": {"class_type": "SpellProtectedSetLoader", "inputs": {
+                 "folder": "variants_images", "set_file": "(none)", "width": 64, "height": 64,
+                 "resize": "center crop", "vae": ["1", 1], "variants": "shifts"}},
+             "3": {"class_type": "SpellProtectedSetSave", "inputs": {"references": ["2", 0], "name": "variants_test",
+                                                                     "overwrite": True}}}
+    again = executor.run(graph)
+    assert again.success, again.error
+    assert torch.equal(again.outputs["2"][0].latents, nine.latents)
+    saved = ReferenceSet.load(Path(folder_paths.get_folder_paths("spell_sets")[0], "variants_test.safetensors"))
+    assert torch.equal(saved.latents, nine.latents)
+    graph["2"]["inputs"]["variants"] = "sideways"
+    refused = executor.run(graph)
+    assert not refused.success and "SpellProtectedSetLoader" in refused.error and "sideways" in refused.error, \
+        refused.error
