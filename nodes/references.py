@@ -267,7 +267,7 @@ class SpellProtectedSetIndexBuilder:
         "are encoded with the VAE a batch at a time and written to models/spell_sets/<name>/ in shards, so memory "
         "does not grow with the set. If it is stopped (Cancel, a crash), queue it again: it resumes where it "
         "stopped. Once built, the same inputs open the index at once, and SPELL Protected Set Loader lists it as "
-        "'<name>/'."
+        "'<name>/'. variants: the index also holds shifted, zoomed and mirrored versions of each image."
     )
     RETURN_TYPES = ("SPELL_REFERENCES", "STRING")
     RETURN_NAMES = ("references", "summary")
@@ -290,6 +290,12 @@ class SpellProtectedSetIndexBuilder:
                                                     "size. Every backend is exact."}),
             "overwrite": ("BOOLEAN", {"default": False, "tooltip":
                 "Replace an index of that name built from other images or settings (off: refuse)."}),
+        }, "optional": {
+            "variants": (list(VARIANT_PRESETS), {"default": "none", "tooltip":
+                "Versions of each image the index holds: shifted by 3% of the side each way, also zoomed 5%, also "
+                "mirrored (9, 18, 36 rows per image, and that many times the encoding time and disk). Shifted or "
+                "cropped copies are then caught at a small radius; measure it with SPELL Shield Calibration set "
+                "the same way. Another choice is another index: rebuild with overwrite, or use another name."}),
         }}
 
     @classmethod
@@ -300,7 +306,9 @@ class SpellProtectedSetIndexBuilder:
         stamp = index.stat().st_mtime_ns if plain and index.is_file() else None
         return f"{folder_stamp(folder)}:{stamp}"
 
-    def build(self, folder, vae, name, width, height, resize, batch_size, backend, overwrite):
+    def build(self, folder, vae, name, width, height, resize, batch_size, backend, overwrite, variants="none"):
+        if variants not in VARIANT_PRESETS:
+            raise SpellInputError(self.NODE_ID, f"variants must be one of {list(VARIANT_PRESETS)}, got {variants!r}.")
         if width % 8 or height % 8:
             raise SpellInputError(self.NODE_ID, f"width and height must be multiples of 8, got {width} x {height}.")
         try:
@@ -321,13 +329,14 @@ class SpellProtectedSetIndexBuilder:
 
             index, what = build_from_images(src, out, width, height, resize, vae.encode,
                                             fingerprint_tensors(vae.get_sd()), batch=batch_size, shard_size=SHARD_ROWS,
-                                            backend=backend,
+                                            backend=backend, variants_name=variants,
                                             overwrite=overwrite, progress=progress)
         except StorageError as e:
             raise SpellInputError(self.NODE_ID, f"{e}.") from e
         warm = index.warm(also=[out / INDEX_FILE])  # an index opened as is (after a restart): read ahead too
         refs = ReferenceSet(None, {"sources": [f"index {out.name}/ ({len(index)})"]}, index)
-        summary = (f"{what}: {len(index)} references from folder {folder}, latent shape {tuple(index.item_shape)}, "
+        versions = "" if preset(variants).count == 1 else f" ({describe(variants)})"
+        summary = (f"{what}: {len(index)} references from folder {folder}{versions}, latent shape {tuple(index.item_shape)}, "
                    f"backend {index.backend}, in models/{SETS}/{out.name}/" + (f"; {warm.summary()}" if warm else ""))
         return {"ui": {"text": [summary]}, "result": (refs, summary)}
 

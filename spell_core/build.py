@@ -32,6 +32,7 @@ from .index.shards import INDEX_FILE, MANIFEST
 from .locking import LOCK_TIMEOUT_S, file_lock
 from .references import list_images, read_image
 from .storage import StorageError, atomic_write_json, check_finite
+from .variants import Variants, make as make_variants, preset as variant_preset
 
 SOURCE_FILE = "source.json"
 StageProgress = Callable[[str, int, int], None]  # (stage "encode" | "index", done, total)
@@ -47,21 +48,30 @@ def describe_source(files: Sequence[Path], settings: dict) -> dict:
 
 
 def image_source(files: Sequence[Path], width: int, height: int, mode: str,
-                 encode: Callable[[torch.Tensor], torch.Tensor], batch: int = 8):
-    """source(start) for ``build_shards``: latents of files[start:], encoded ``batch`` images at a time.
+                 encode: Callable[[torch.Tensor], torch.Tensor], batch: int = 8, variants: Variants = Variants()):
+    """source(start) for ``build_shards``: latents of the images files[start // V:] (V = variants.count versions of
+    each, ``variants.make``: image-major, version 0 the image itself), encoded ``batch`` rows at a time.
 
-    encode(pixels [b, height, width, 3] float in 0..1) -> latents [b, ...]; one latent per image, so the
-    row of an image is its position in ``files`` and a resumed build skips images without reading them.
+    encode(pixels [b, height, width, 3] float in 0..1) -> latents [b, ...]; one latent per version, so row
+    i·V + v is version v of image files[i], and a resumed build skips the images before its first row without
+    reading them.
     """
+    count = variants.count
+
     def source(start: int):
-        for a in range(start, len(files), batch):
-            chunk = files[a:a + batch]
+        first, drop = divmod(start, count)
+        per_read = max(1, batch // count) if count > 1 else batch
+        for a in range(first, len(files), per_read):
+            chunk = files[a:a + per_read]
             pixels = torch.from_numpy(np.stack([read_image(p, width, height, mode) for p in chunk]))
-            latents = encode(pixels).detach().to("cpu", torch.float32)
-            if latents.shape[0] != len(chunk):
-                raise StorageError(f"the encoder returned {latents.shape[0]} latents for {len(chunk)} images")
+            pixels = make_variants(pixels, variants) if count > 1 else pixels
+            latents = torch.cat([encode(pixels[b:b + batch]).detach().to("cpu", torch.float32)
+                                 for b in range(0, len(pixels), batch)])
+            if latents.shape[0] != len(pixels):
+                raise StorageError(f"the encoder returned {latents.shape[0]} latents for {len(pixels)} images")
             check_finite(latents, f"the encodings of {chunk[0].name}..{chunk[-1].name}")
-            yield latents
+            yield latents[drop:] if drop else latents
+            drop = 0
     return source
 
 
@@ -169,15 +179,21 @@ def _build_locked(source, total, out, record, shard_size, backend, overwrite, pr
 
 def build_from_images(folder: str | os.PathLike, out: str | os.PathLike, width: int, height: int, mode: str,
                       encode: Callable[[torch.Tensor], torch.Tensor], encoder: str, *, batch: int = 8,
-                      **kwargs) -> tuple[ReferenceIndex, str]:
+                      variants_name: str = "none", **kwargs) -> tuple[ReferenceIndex, str]:
     """``build_index_folder`` over the images of folder (sorted by name) encoded with encode; encoder names
-    the encoder's weights (e.g. ``references.fingerprint_tensors``) so that another VAE is another source."""
+    the encoder's weights (e.g. ``references.fingerprint_tensors``) so that another VAE is another source.
+    variants_name: ``variants.PRESETS`` key; each image is stored as that many versions of itself (recorded in
+    source.json when it is not "none", so folders built before variants existed keep their record)."""
+    spec = variant_preset(variants_name)
     files = list_images(folder)
     if not files:
         raise StorageError(f"folder {Path(folder).name!r} holds no images")
-    record = describe_source(files, {"width": width, "height": height, "resize": mode, "encoder": encoder})
-    return build_index_folder(image_source(files, width, height, mode, encode, batch), len(files), out, record,
-                              **kwargs)
+    settings = {"width": width, "height": height, "resize": mode, "encoder": encoder}
+    if spec.count > 1:
+        settings["variants"] = variants_name
+    record = describe_source(files, settings)
+    return build_index_folder(image_source(files, width, height, mode, encode, batch, spec), len(files) * spec.count,
+                              out, record, **kwargs)
 
 
 def cli_build(build: Callable[[StageProgress], tuple[ReferenceIndex, str]], out, quiet_stages: Sequence[str] = ()) -> int:

@@ -45,10 +45,16 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                     help="stored dtype of the shards (float16: half the disk; searched exactly as stored)")
+    ap.add_argument("--variants", default="none", help="versions of each image the index holds: 'none', 'shifts', "
+                    "'shifts + zoom' or 'shifts + zoom + mirror' (1, 9, 18, 36 rows per image)")
     ap.add_argument("--overwrite", action="store_true", help="replace an index in --out built from other images")
     args = ap.parse_args(argv)
     if args.width % 8 or args.height % 8:
         raise SystemExit("--width and --height must be multiples of 8")
+    from spell_core.variants import PRESETS
+
+    if args.variants not in PRESETS:
+        raise SystemExit(f"--variants {args.variants!r}: choose one of {list(PRESETS)}")
 
     from tools import comfy_host
 
@@ -58,7 +64,8 @@ def main(argv=None) -> int:
     return spell_core.build.cli_build(lambda progress: spell_core.build.build_from_images(
         Path(args.images), Path(args.out), args.width, args.height, args.resize, vae.encode,
         spell_core.references.fingerprint_tensors(vae.get_sd()), batch=args.batch_size, shard_size=args.shard_size,
-        backend=args.backend, overwrite=args.overwrite, progress=progress, dtype=args.dtype), args.out)
+        backend=args.backend, overwrite=args.overwrite, progress=progress, dtype=args.dtype,
+        variants_name=args.variants), args.out)
 
 
 if __name__ == "__main__":

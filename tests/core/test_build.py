@@ -111,3 +111,49 @@ def test_a_build_that_failed_before_its_first_shard_can_be_queued_again_after_th
     index, what = build_from_images(src, tmp_path / "idx", 32, 32, "stretch", encode, "enc")
     assert what == "built" and len(index) == 5
     assert not [p for p in (tmp_path / "idx").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_variants_rows_resume_mid_image_and_record(tmp_path):
+    """With variants every image is that many rows, image-major (row i·V + v is version v of image i, as
+    ``variants.make`` orders them); a build interrupted after a shard that ends inside an image's versions resumes
+    to the same rows as a fresh build; the variants are part of the source, so a folder built plainly is refused."""
+    from spell_core.references import read_image
+    from spell_core.variants import make, preset
+
+    src = images(tmp_path / "imgs", 5)
+    spec = preset("shifts")  # 9 versions; shards of 8 rows end inside images 0..4
+    calls = []
+
+    def counting(pixels, stop_after=None):
+        calls.append(len(pixels))
+        if stop_after is not None and len(calls) > stop_after:
+            raise KeyboardInterrupt
+        return encode(pixels)
+
+    with pytest.raises(KeyboardInterrupt):
+        build_from_images(src, tmp_path / "idx", 32, 32, "stretch", lambda p: counting(p, 8), "enc", batch=4,
+                          shard_size=8, variants_name="shifts")
+    assert max(calls) <= 4  # batch counts rows given to the encoder, versions included
+    calls.clear()
+    index, what = build_from_images(src, tmp_path / "idx", 32, 32, "stretch", counting, "enc", batch=4,
+                                    shard_size=8, variants_name="shifts")
+    # the interruption came inside image 2's versions, so images 0 and 1 (18 rows) were delivered and 2 shards
+    # (16 rows) kept: the resume starts in image 1 (rows 9..17), encodes it whole and drops its first 7 rows;
+    # image 0 is not read again
+    assert what == "resumed an interrupted build" and sum(calls) == 4 * 9
+    files = sorted(src.glob("*.png"))
+    pixels = torch.from_numpy(np.stack([read_image(p, 32, 32, "stretch") for p in files]))
+    expected = encode(make(pixels, spec))
+    assert len(index) == 5 * 9 and torch.allclose(index.get(torch.arange(45)), expected, atol=1e-6)
+    assert torch.allclose(index.get(torch.arange(0, 45, 9)), encode(pixels), atol=1e-6)  # version 0: the image
+    fresh, _ = build_from_images(src, tmp_path / "fresh", 32, 32, "stretch", encode, "enc", batch=5,
+                                 variants_name="shifts")
+    assert torch.equal(fresh.get(torch.arange(45)), index.get(torch.arange(45)))
+    assert json.loads((tmp_path / "idx" / SOURCE_FILE).read_text())["settings"]["variants"] == "shifts"
+    with pytest.raises(StorageError, match="another source.*overwrite"):
+        build_from_images(src, tmp_path / "idx", 32, 32, "stretch", encode, "enc")
+    assert len(ReferenceIndex.load(tmp_path / "idx")) == 45
+    plain, _ = build_from_images(src, tmp_path / "plain", 32, 32, "stretch", encode, "enc")
+    assert "variants" not in json.loads((tmp_path / "plain" / SOURCE_FILE).read_text())["settings"]
+    with pytest.raises(ValueError, match="unknown variants"):
+        build_from_images(src, tmp_path / "bad", 32, 32, "stretch", encode, "enc", variants_name="flips")

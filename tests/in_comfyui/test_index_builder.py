@@ -123,3 +123,41 @@ def test_command_line_builds_from_images_through_a_vae(tmp_path):
     assert "built: 9 latents of shape (4, 8, 8)" in done.stderr
     index = ReferenceIndex.load(tmp_path / "cli")
     assert len(index) == 9 and len(list((tmp_path / "cli").glob("shard-*.safetensors"))) == 3
+    cmd[cmd.index(str(tmp_path / "cli"))] = str(tmp_path / "cli-variants")
+    done = subprocess.run(cmd + ["--variants", "shifts"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "built: 81 latents of shape (4, 8, 8)" in done.stderr, done.stderr[-2000:]
+    varied = ReferenceIndex.load(tmp_path / "cli-variants")
+    assert torch.allclose(varied.get(torch.arange(0, 81, 9)), index.get(torch.arange(9)), atol=1e-5)
+
+
+def test_index_with_variants_through_the_executor_holds_every_version(comfy, executor):
+    """The builder with variants "shifts" in a graph run by ComfyUI's executor: 9 rows per image, the same
+    latents as the loader's folder with the same variants (image-major, version 0 the image itself), the
+    summary says so, and the loader opens the index folder; another variants choice is another source (refused,
+    the index kept); an unknown one is refused naming the node."""
+    image_folder("index-variants", 4, seed=5)
+    graph = {"1": {"class_type": "SpellDemoModelLoader", "inputs": {}},
+             "2": {"class_type": "SpellProtectedSetIndexBuilder", "inputs": {
+                 "folder": "index-variants", "vae": ["1", 1], "name": "variants-idx", "width": 64, "height": 64,
+                 "resize": "center crop", "batch_size": 4, "backend": "auto", "overwrite": True,
+                 "variants": "shifts"}}}
+    result = executor.run(graph)
+    assert result.success, result.error
+    refs, summary = result.outputs["2"]
+    assert len(refs) == 4 * 9 and "36 references" in summary and "9 versions of each image" in summary
+    vae = comfy.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]().load()[1]
+    loader = comfy.NODE_CLASS_MAPPINGS["SpellProtectedSetLoader"]()
+    folder_set, _ = loader.load("index-variants", "(none)", 64, 64, "center crop", vae=vae, variants="shifts")
+    assert torch.allclose(refs.index.get(torch.arange(36)), folder_set.latents, atol=1e-5)
+    opened, _ = loader.load("(none)", "variants-idx/", 64, 64, "center crop")
+    assert len(opened) == 36
+    out = Path(folder_paths.get_folder_paths("spell_sets")[0], "variants-idx")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    graph["2"]["inputs"].update(overwrite=False, variants="shifts + zoom")
+    refused = executor.run(graph)
+    assert not refused.success and "another source" in refused.error and "overwrite" in refused.error, refused.error
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    graph["2"]["inputs"]["variants"] = "sideways"
+    refused = executor.run(graph)
+    assert not refused.success and "SpellProtectedSetIndexBuilder" in refused.error and "sideways" in refused.error, \
+        refused.error
