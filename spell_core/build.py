@@ -60,7 +60,7 @@ def image_source(files: Sequence[Path], width: int, height: int, mode: str,
 
     def source(start: int):
         first, drop = divmod(start, count)
-        per_read = max(1, batch // count) if count > 1 else batch
+        per_read = max(1, batch // count)
         for a in range(first, len(files), per_read):
             chunk = files[a:a + per_read]
             pixels = torch.from_numpy(np.stack([read_image(p, width, height, mode) for p in chunk]))
