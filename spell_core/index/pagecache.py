@@ -55,16 +55,16 @@ def _c():
     return _libc or None
 
 
-def resident(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(resident pages, pages) of a file in the page cache, by ``mincore`` on a fresh read-only map of it (mapping
-    faults nothing in); None where mincore is unavailable. An empty file is (0, 0)."""
+def resident_map(path: str | os.PathLike) -> np.ndarray | None:
+    """Which pages of a file are in the page cache: bool [pages], by ``mincore`` on a fresh read-only map of it
+    (mapping faults nothing in); None where mincore is unavailable."""
     lib = _c()
     if lib is None or not hasattr(mmap, "MAP_SHARED"):
         return None
     size = os.path.getsize(path)
     pages = (size + _PAGE - 1) // _PAGE
     if size == 0:
-        return 0, 0
+        return np.zeros(0, bool)
     fd = os.open(path, os.O_RDONLY)
     try:
         addr = lib.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
@@ -74,11 +74,18 @@ def resident(path: str | os.PathLike) -> tuple[int, int] | None:
             vec = (ctypes.c_ubyte * pages)()
             if lib.mincore(addr, size, vec) != 0:
                 raise OSError(ctypes.get_errno(), f"mincore on {path} failed")
-            return int(np.count_nonzero(np.frombuffer(vec, np.uint8) & 1)), pages
+            return (np.frombuffer(vec, np.uint8) & 1).astype(bool)
         finally:
             lib.munmap(addr, size)
     finally:
         os.close(fd)
+
+
+def resident(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(resident pages, pages) of a file in the page cache (``resident_map``); None where mincore is unavailable.
+    An empty file is (0, 0)."""
+    m = resident_map(path)
+    return None if m is None else (int(np.count_nonzero(m)), len(m))
 
 
 def resident_fraction(paths: Sequence[str | os.PathLike]) -> float | None:

@@ -7,6 +7,7 @@ as the float32 values its float16 entries denote.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -29,6 +30,16 @@ ProgressFn = Callable[[int, int], None]
 # so the index compares queries with exactly the float32 values of what is stored (float16: half the disk)
 SHARD_DTYPES = {"F32": np.float32, "F16": np.float16}
 DTYPE_NAMES = {"float32": "F32", "float16": "F16"}
+# How ``Shard.take`` reads candidate rows. "willneed": first every run of rows the page cache holds is read without
+# waiting (preadv2 with RWF_NOWAIT, Linux 4.14+), then the runs it could not serve are all announced with
+# POSIX_FADV_WILLNEED before the first blocking read, so the disk serves them concurrently instead of one wait
+# per row, and a warm read costs what a plain one does; "none": plain positioned reads, one after the other. Where
+# RWF_NOWAIT is missing every run is announced; where os.posix_fadvise is missing (not Linux) reads are plain.
+# Measured side by side in docs/cold_rows.md.
+READ_HINTS = "willneed"
+READ_HINT_MODES = ("none", "willneed")
+_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_WILLNEED")
+_NOWAIT = getattr(os, "RWF_NOWAIT", None) if hasattr(os, "preadv") else None
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -120,34 +131,97 @@ class Shard:
             self._mm = mm if self.stored == np.float32 else _Upcast(mm)
         return self._mm
 
-    def take(self, local: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows local [P] (sorted ascending for sequential access) -> [P, D] float32 (into out, a C-contiguous
-        [P, D] float32 array, if given), one positioned read per run of consecutive rows."""
-        d = math.prod(self.shape[1:])
-        rb = self.stored.itemsize * d
-        out = np.empty((len(local), d), np.float32) if out is None else out
-        if len(local) == 0:
-            return out
+    def _open(self) -> None:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        # float16: read the stored bytes into a scratch array, then upcast into out in one pass
-        raw = out if self.stored == np.float32 else np.empty((len(local), d), self.stored)
+
+    @staticmethod
+    def _runs(local: np.ndarray) -> list[tuple[int, int, int]]:
+        """Runs (a, b, 0) of consecutive rows in sorted local: positions [a, b), no byte of them read yet."""
         cut = np.flatnonzero(np.diff(local) != 1) + 1
-        starts, ends = np.concatenate([[0], cut]), np.concatenate([cut, [len(local)]])
+        return [(a, b, 0) for a, b in zip(np.concatenate([[0], cut]).tolist(),
+                                          np.concatenate([cut, [len(local)]]).tolist())]
+
+    def _advise(self, local: np.ndarray, runs: list[tuple[int, int, int]]) -> None:
+        """POSIX_FADV_WILLNEED for the bytes of each run (a, b, done) not read yet; returns without waiting."""
+        if not _FADVISE:
+            return
+        rb = self.stored.itemsize * math.prod(self.shape[1:])
+        for a, b, done in runs:
+            os.posix_fadvise(self._fd, self.offset + int(local[a]) * rb + done, (b - a) * rb - done,
+                             os.POSIX_FADV_WILLNEED)
+
+    def prefetch(self, local: np.ndarray) -> None:
+        """Asks the OS to start reading rows local [P] (sorted ascending) into the page cache and returns without
+        waiting (POSIX_FADV_WILLNEED per run of rows; nothing where posix_fadvise is missing)."""
+        if len(local):
+            self._open()
+            self._advise(local, self._runs(local))
+
+    def _read(self, local: np.ndarray, raw: np.ndarray, runs: list[tuple[int, int, int]], nowait: bool = False):
+        """Reads the rest of each run (a, b, done) into raw -> the runs left: none, or with nowait (RWF_NOWAIT)
+        those the page cache could not serve at once, with what was read of them."""
+        global _NOWAIT
+        rb = self.stored.itemsize * math.prod(self.shape[1:])
         buf = memoryview(raw).cast("B")
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            at, want = self.offset + int(local[a]) * rb, (b - a) * rb
+        left = []
+        for j, (a, b, done) in enumerate(runs):
+            at, want, view = self.offset + int(local[a]) * rb + done, (b - a) * rb - done, buf[a * rb + done:b * rb]
+            if nowait:
+                try:
+                    got = os.preadv(self._fd, [view], at, _NOWAIT)
+                except BlockingIOError:
+                    got = 0
+                except OSError as e:  # a filesystem or kernel without RWF_NOWAIT: plain reads from now on
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
+                    _NOWAIT = None
+                    return left + runs[j:]
+                if got < want:
+                    left.append((a, b, done + got))
+                continue
             if hasattr(os, "preadv"):
-                got = os.preadv(self._fd, [buf[a * rb:b * rb]], at)
+                got = os.preadv(self._fd, [view], at)
             else:  # pragma: no cover - platforms without preadv
                 data = os.pread(self._fd, want, at)
                 got = len(data)
-                buf[a * rb:a * rb + got] = data
+                view[:got] = data
             if got != want:
                 raise StorageError(f"shard {self.path} is truncated: short read at row {int(local[a])}")
+        return left
+
+    def _start(self, local: np.ndarray, out: np.ndarray):
+        """First half of take: the rows the page cache holds read at once (READ_HINTS "willneed") -> state for
+        ``_finish`` (the runs still to read are state[3])."""
+        hints = READ_HINTS
+        if hints not in READ_HINT_MODES:
+            raise ValueError(f"READ_HINTS must be one of {READ_HINT_MODES}, got {hints!r}")
+        self._open()
+        # float16: read the stored bytes into a scratch array, then upcast into out in one pass
+        raw = out if self.stored == np.float32 else np.empty(out.shape, self.stored)
+        runs = self._runs(local)
+        if hints == "willneed" and len(runs) > 1 and _NOWAIT is not None:
+            runs = self._read(local, raw, runs, nowait=True)
+        return local, out, raw, runs
+
+    def _finish(self, state) -> np.ndarray:
+        local, out, raw, runs = state
+        self._read(local, raw, runs)
         if raw is not out:
             out[...] = raw
         return out
+
+    def take(self, local: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows local [P] (sorted ascending for sequential access) -> [P, D] float32 (into out, a C-contiguous
+        [P, D] float32 array, if given), one positioned read per run of consecutive rows (see READ_HINTS)."""
+        d = math.prod(self.shape[1:])
+        out = np.empty((len(local), d), np.float32) if out is None else out
+        if len(local) == 0:
+            return out
+        state = self._start(local, out)
+        if READ_HINTS == "willneed" and len(state[3]) > 1:
+            self._advise(local, state[3])
+        return self._finish(state)
 
     def read(self, a: int, b: int) -> torch.Tensor:
         """Rows a..b as a float32 [b − a, D] tensor, read (not mapped: streaming leaves no resident pages)."""
@@ -227,10 +301,13 @@ class LatentStore:
         """Rows kn [P] (ascending) of the shards read into out [≥ P, D] float32 (contiguous) -> out[:P]."""
         o = out.numpy()
         bounds = np.searchsorted(kn, self.starts)
-        for s, shard in enumerate(self.shards):
-            a, b = int(bounds[s]), int(bounds[s + 1])
-            if b > a:
-                shard.take(kn[a:b] - self.starts[s], o[a:b])
+        parts = [(shard, shard._start(kn[bounds[s]:bounds[s + 1]] - self.starts[s], o[bounds[s]:bounds[s + 1]]))
+                 for s, shard in enumerate(self.shards) if bounds[s + 1] > bounds[s]]
+        if READ_HINTS == "willneed" and sum(len(st[3]) for _, st in parts) > 1:
+            for shard, st in parts:  # every shard's uncached runs announced before the first read waits
+                shard._advise(st[0], st[3])
+        for shard, st in parts:
+            shard._finish(st)
         return out[:len(kn)]
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:

@@ -4,6 +4,7 @@ available, and leaves the process' own memory where it was (the pages belong to 
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from support import evict_or_skip
@@ -92,3 +93,54 @@ def test_warm_of_a_folder_over_the_limit_touches_nothing(folder):
 
 def test_in_memory_latents_have_nothing_to_warm():
     assert ReferenceIndex.build(torch.randn(50, *SHAPE), backend="torch").warm() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cold_rows_are_announced_to_the_os_and_read_the_same(tmp_path, monkeypatch, dtype):
+    """Shard.prefetch asks the OS for exactly the pages of the rows given (mincore page by page, once the
+    asynchronous reads land) and not the whole shard; take returns the stored values in both READ_HINTS modes,
+    cold and warm; an unknown mode is refused."""
+    from spell_core.index import shards as shards_mod
+
+    if not shards_mod._FADVISE:
+        pytest.skip("os.posix_fadvise is missing on this platform: reads are plain, nothing is announced")
+    shape = (4, 32, 32)  # 16 KiB a float32 row, 8 KiB float16
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2048, *shape, generator=g).to(dtype)
+    path = tmp_path / "part-0.safetensors"
+    save_latents(path, z, dtype=dtype)
+    want = z.float().reshape(len(z), -1)
+    rows = np.unique(np.random.default_rng(0).choice(len(z), 40, replace=False))
+    rows = np.unique(np.concatenate([rows, [rows[0] + 1]]))  # one run of two consecutive rows
+    shard = shards_mod.Shard(path)
+    assert shard.dtype == str(dtype).removeprefix("torch.")
+    rb = z[0].numel() * z.element_size()
+    evict_or_skip([path], pagecache)
+    shard.prefetch(rows)
+    pages = [np.arange((shard.offset + k * rb) // pagecache._PAGE, (shard.offset + (k + 1) * rb - 1) // pagecache._PAGE
+                       + 1) for k in rows.tolist()]
+    need = np.concatenate(pages)
+    deadline = time.time() + 20
+    while not pagecache.resident_map(path)[need].all() and time.time() < deadline:
+        time.sleep(0.05)
+    got = pagecache.resident_map(path)
+    assert got[need].all(), f"{int((~got[need]).sum())} of {len(need)} pages of the announced rows not read in 20 s"
+    assert got.sum() < 0.25 * len(got), f"{int(got.sum())} of {len(got)} pages resident: more than the rows asked for"
+    for mode in ("none", "willneed"):
+        monkeypatch.setattr(shards_mod, "READ_HINTS", mode)
+        evict_or_skip([path], pagecache)
+        fresh = shards_mod.Shard(path)
+        assert np.array_equal(fresh.take(rows), want[rows].numpy()), mode
+        assert np.array_equal(fresh.take(rows), want[rows].numpy()), mode  # warm
+        evict_or_skip([path], pagecache)
+        fresh.take(rows[::3])  # a third of the rows cached: read at once, the rest announced and waited for
+        assert np.array_equal(fresh.take(rows), want[rows].numpy()), mode
+    # a kernel or filesystem that refuses RWF_NOWAIT (an unknown flag stands in for it): plain reads from then on
+    monkeypatch.setattr(shards_mod, "READ_HINTS", "willneed")
+    monkeypatch.setattr(shards_mod, "_NOWAIT", 1 << 30)
+    evict_or_skip([path], pagecache)
+    assert np.array_equal(shards_mod.Shard(path).take(rows), want[rows].numpy())
+    assert shards_mod._NOWAIT is None
+    monkeypatch.setattr(shards_mod, "READ_HINTS", "sequential")
+    with pytest.raises(ValueError, match="READ_HINTS must be one of"):
+        shards_mod.Shard(path).take(rows)
