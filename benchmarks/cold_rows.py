@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--searches", type=int, default=10, help="whole searches (batches of 8) per mode")
     ap.add_argument("--r", type=float, default=0.15, help="radius of the whole searches (RMS)")
     ap.add_argument("--planted", type=float, default=0.5, help="perturbation of the planted queries, x r")
+    ap.add_argument("--queries", choices=["planted", "synth"], default="planted",
+                    help="whole searches' queries: references plus a perturbation, or (an index of "
+                         "benchmarks.index_bench's synthetic latents) fresh draws of its generator, its random queries")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "docs" / "cold_rows.md"))
     args = ap.parse_args(argv)
@@ -108,12 +111,22 @@ def main(argv=None) -> int:
               + "; warm ms " + ", ".join(f"{m} {summary(res[m]['warm'])}" for m in MODES), file=sys.stderr, flush=True)
     # whole searches, cold then warm, the modes alternating
     g = torch.Generator().manual_seed(args.seed)
-    search = {m: {"cold": [], "warm": [], "pairs": 0} for m in MODES}
+    search = {m: {"cold": [], "warm": [], "pairs": 0, "candidates": 0} for m in MODES}
+    if args.queries == "synth":
+        from benchmarks.index_bench import dataset
+
+        fresh = dataset("synth", len(index), args.seed).queries(8 * args.searches, seed=args.seed + 1)
+        if tuple(fresh.shape[1:]) != tuple(index.item_shape):
+            raise SystemExit(f"--queries synth makes {tuple(fresh.shape[1:])} latents; the index holds {index.item_shape}")
     for j in range(args.searches):
-        k = torch.randint(0, len(index), (8,), generator=g)
-        z = index.get(k).reshape(8, -1)
-        e = torch.randn(z.shape, generator=g)
-        x = (z + e / e.pow(2).mean(1, keepdim=True).sqrt() * args.planted * args.r).reshape(8, *index.item_shape)
+        if args.queries == "synth":
+            x = fresh[8 * j:8 * j + 8]
+        else:
+            k = torch.randint(0, len(index), (8,), generator=g)
+            z = index.get(k).reshape(8, -1)
+            e = torch.randn(z.shape, generator=g)
+            x = (z + e / e.pow(2).mean(1, keepdim=True).sqrt() * args.planted * args.r).reshape(8, *index.item_shape)
+        ncand = len(index.candidates(x.reshape(8, -1), args.r)[0])
         ref = None
         for mode in (MODES if j % 2 == 0 else MODES[::-1]):
             shards.READ_HINTS = mode
@@ -123,6 +136,7 @@ def main(argv=None) -> int:
             search[mode]["cold"].append(dt)
             search[mode]["warm"].append(dw)
             search[mode]["pairs"] += len(out[0])
+            search[mode]["candidates"] += ncand
             if ref is None:
                 ref = out
             elif not all(torch.equal(a, b) for a, b in zip(ref, out)):
@@ -166,8 +180,13 @@ def report(res: dict, args) -> str:
                      f"{mb[0]:.2f} / {mb[1]:.2f} | {summary(r['none']['warm'])} | {summary(r['willneed']['warm'])} | "
                      f"{wn / ww:.2f}x |")
     s = res["searches"]
-    lines += ["", f"Whole searches (``ReferenceIndex.range_search``, batches of 8 planted queries, r = {args.r}, "
-                  f"{len(s['none']['cold'])} per mode, pairs found {s['none']['pairs']} / {s['willneed']['pairs']}, "
+    what = ("planted queries (a reference plus a perturbation of RMS "
+            f"{args.planted} r)" if args.queries == "planted" else
+            "fresh queries (new draws of benchmarks.index_bench's generator, as its random queries)")
+    ns = len(s['none']['cold'])
+    lines += ["", f"Whole searches (``ReferenceIndex.range_search``, batches of 8 {what}, r = {args.r}, "
+                  f"{ns} per mode, {s['none']['candidates'] / max(ns, 1):.0f} candidate rows per search, "
+                  f"pairs found {s['none']['pairs']} / {s['willneed']['pairs']}, "
                   "the same answers in both modes): cold ms none "
                   f"{summary(s['none']['cold'])}, willneed {summary(s['willneed']['cold'])} "
                   f"({statistics.median(s['none']['cold']) / statistics.median(s['willneed']['cold']):.2f}x); warm ms "

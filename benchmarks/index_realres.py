@@ -322,6 +322,26 @@ def worker_query(args) -> dict:
         print(f"  [{args.kind} N={args.n:,}] trajectory {j + 1}/{args.trajectories}: "
               f"{1000 * np.mean(times[-args.steps:]):.1f} ms per step", file=sys.stderr, flush=True)
     res["rss_after_search"] = rss()
+    # side by side, alternating at every step over the same queries: the default cascade against listing every
+    # annulus row (search.ANNULUS_FLAT off: no prefix scan of all rows however many rows the annulus keeps)
+    from spell_core.index import search as search_mod
+
+    default_flat = search_mod.ANNULUS_FLAT
+    alt = {"default": [], "listing": []}
+    same = True
+    if index.subcells is not None:
+        for x, _ in trajs:
+            for s in range(args.steps):
+                got = {}
+                for name, share in (("default", default_flat), ("listing", math.inf)):
+                    search_mod.ANNULUS_FLAT = share
+                    t = time.perf_counter()
+                    got[name] = index.range_search(x[s], args.r)
+                    alt[name].append(time.perf_counter() - t)
+                same = same and all(torch.equal(a, b) for a, b in zip(got["default"], got["listing"]))
+        search_mod.ANNULUS_FLAT = default_flat
+        res["side_by_side"] = {"annulus_flat": default_flat, "same_answers": same,
+                               **{k: stats_ms(v) for k, v in alt.items()}}
     res["load_after"] = loadavg()
     per_step = np.asarray(times).reshape(args.trajectories, args.steps)
     res.update(step_ms=stats_ms(times), step_ms_by_step=[round(1000 * float(v), 2) for v in per_step.mean(0)],
@@ -858,6 +878,20 @@ def report(res: dict, args) -> str:
             L.append(f"- {r['kind']} N={r['n']:,}: ms " + ", ".join(f"{v:.0f}" for v in q["step_ms_by_step"]) +
                      "; pairs " + ", ".join(str(v) for v in q["pairs_by_step"]))
         L.append("")
+        sbs = [r for r in lat if "side_by_side" in r["query"]]
+        if sbs:
+            L.append("Side by side, alternating at every step over the same trajectories, after the timed pass: the "
+                     "default cascade (past `search.ANNULUS_FLAT` of all rows left by the annulus it checks the "
+                     "8-coordinate feature prefix of every row by one chunked matmul) against listing every annulus "
+                     "row (the cascade before that switch), mean (median, p95) ms per step:\n")
+            for r in sbs:
+                v = r["query"]["side_by_side"]
+                d, li = v["default"], v["listing"]
+                L.append(f"- {r['kind']} N={r['n']:,}: default (ANNULUS_FLAT = {v['annulus_flat']}) {d['mean']:.1f} "
+                         f"({d['median']:.1f}, {d['p95']:.1f}), annulus rows listed {li['mean']:.1f} ({li['median']:.1f}, "
+                         f"{li['p95']:.1f}): {li['mean'] / d['mean']:.2f}x; the same answers at every step: "
+                         f"{'yes' if v['same_answers'] else 'NO'}")
+            L.append("")
         growth = growth_lines(lat)
         if growth:
             L += ["Growth with N (mean ms per step):", *growth, ""]

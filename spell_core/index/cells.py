@@ -91,10 +91,11 @@ class ClusterCells:
 
 
 def annulus_rows(key: torch.Tensor, scale: float, off: torch.Tensor, qi: torch.Tensor, cell: torch.Tensor,
-                 lo_s: torch.Tensor, hi_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 lo_s: torch.Tensor, hi_s: torch.Tensor, max_rows: int | None = None):
     """Rows of cell ``cell[j]`` whose distance s to the cell's centre lies in [lo_s[j], hi_s[j]], for each pair j
-    -> (query ids qi[j] repeated [P], row positions [P]). Rows are stored cell by cell, sorted by the key
-    cell + s / scale, so each annulus is one contiguous slice found by two binary searches."""
+    -> (query ids qi[j] repeated [P], row positions [P]), or (None, None) when P would exceed max_rows (counted
+    before any row is listed). Rows are stored cell by cell, sorted by the key cell + s / scale, so each annulus
+    is one contiguous slice found by two binary searches."""
     base = cell.double()
     eps = 1e-9  # key rounding: |cell + s/scale| < 2^20 keeps absolute key error far below this
     lo = torch.searchsorted(key, base + lo_s / scale - eps)
@@ -102,6 +103,8 @@ def annulus_rows(key: torch.Tensor, scale: float, off: torch.Tensor, qi: torch.T
     hi = torch.minimum(hi, off[cell + 1])
     lo = torch.maximum(lo, off[cell])
     n = (hi - lo).clamp_min(0)
+    if max_rows is not None and int(n.sum()) > max_rows:
+        return None, None
     seg = torch.repeat_interleave(torch.arange(len(n)), n)
     pos = torch.arange(len(seg)) - torch.repeat_interleave(n.cumsum(0) - n, n) + lo[seg]
     return qi[seg], pos
@@ -334,8 +337,9 @@ class SubspaceCells:
         t16 = best(lambda: torch.mm(cb, qb.T).T.float())
         return "bfloat16" if t32 >= BF16_GAIN * t16 else "float32"
 
-    def annulus(self, x: torch.Tensor, t: torch.Tensor, sig: torch.Tensor):
-        """Stage 1: rows inside the full-space annulus of a live cell -> (i, row position, p_q, ρ_q²)."""
+    def annulus(self, x: torch.Tensor, t: torch.Tensor, sig: torch.Tensor, max_rows: int | None = None):
+        """Stage 1: rows inside the full-space annulus of a live cell -> (i, row position, p_q, ρ_q²); i and row
+        position are None when there would be more than max_rows of them (the caller scans every row instead)."""
         pq, rq2 = self.project(x)
         pq2 = (pq * pq).sum(1)
         # expanded squared distances to all centres in one float32 addmm; its error is below
@@ -368,8 +372,8 @@ class SubspaceCells:
         tq = tt[qi]
         lo_s = (lo_c - tq).clamp_min(0)
         hi_s = hi_c + tq
-        i, pos = annulus_rows(self.key, self.scale, self.off, qi, cell, lo_s, hi_s)
-        self.scanned = len(pos)  # rows left by the annulus in the last search (for benchmarks)
+        i, pos = annulus_rows(self.key, self.scale, self.off, qi, cell, lo_s, hi_s, max_rows)
+        self.scanned = len(self.s) if pos is None else len(pos)  # rows left by the annulus (for benchmarks)
         return i, pos, pq, rq2
 
     def tensors(self) -> dict:

@@ -13,7 +13,8 @@ The paper uses approximate nearest neighbours; this index is exact (no false neg
 Backends for step 2: "cascade" (default; ``SubspaceCells``: k-means cells whose centres lie in the top-256
 PCA subspace, so that distances to them are exact full-space distances; the triangle inequality in the full
 space cuts every cell to an annulus and drops most cells, then the 33-dim feature bound runs on the survivors
-only — cost grows with the number of cells and the rows near the query, not with N·33), "torch" (brute
+only — cost grows with the number of cells and the rows near the query, not with N·33; where the annulus would
+keep more than ANNULUS_FLAT of all rows, the 8-coordinate feature prefix of every row is scanned instead), "torch" (brute
 force over all features, chunked, CPU or CUDA), "faiss" (faiss-cpu IndexFlatL2 range search over the
 features) and "clusters" (k-means cells on the features, pruned exactly with the triangle inequality in
 feature space, members sorted by distance to their centroid so each cell is cut to an annulus).
@@ -54,6 +55,11 @@ CELL_SIZE = 32
 # survivors before all of them: a partial sum of squares is a lower bound too, and reading 8 floats a row
 # instead of 33 is what costs there (measured on 1.2 M demo latents: 4.2 -> 2.1 ms per search of 8 queries).
 PRE_DIM = 8
+# When the annulus of the live cells would keep more than this share of all rows (queries close to dense parts
+# of the set, as late sampling steps are), the cascade checks the PRE_DIM prefix of every row by one chunked
+# matmul instead of listing the annulus rows and gathering theirs: measured on 1.5 M SD1.5-shaped references,
+# listing and checking cost ~146 ns a row, the scan ~30 ns a row of the whole set (docs/index_realres_largest.md).
+ANNULUS_FLAT = 0.2
 
 
 def resolve_backend(backend: str, n: int) -> str:
@@ -166,6 +172,7 @@ class ReferenceIndex:
             del p, rho2
             self.y = self.y[self.order].contiguous()
         self._ypre = self.y[:, :PRE_DIM].contiguous() if self.backend == "cascade" else None
+        self._ypre2 = (self._ypre * self._ypre).sum(1) if self._ypre is not None else None
         if self.backend == "torch":
             self._yd = self.y.to(self.device)
             self._y2 = (self._yd * self._yd).sum(1)
@@ -237,9 +244,12 @@ class ReferenceIndex:
             # full-space annulus around subspace-centred cells, then the cheap 33-dim feature bound on its
             # survivors (33 floats a row), then the 256-dim subspace bound on what is left
             sig = SLACK * (xn + self.znorm_max)
-            i, pos, pq, rq2 = self.subcells.annulus(xf, t, sig)
+            cap = ANNULUS_FLAT * len(self)  # math.inf: always list the annulus rows
+            i, pos, pq, rq2 = self.subcells.annulus(xf, t, sig, max_rows=int(cap) if math.isfinite(cap) else None)
             t2f = (t * t).float()
-            if self.y.shape[1] > PRE_DIM:  # the top PRE_DIM coordinates alone: a partial sum, still a bound
+            if i is None:  # the annulus would keep most rows: the prefix of all of them, matmul-expanded (t2's slack)
+                i, pos = flat_torch(self._ypre, self._ypre2, qf[:, :PRE_DIM], t2, chunk=65536)
+            elif self.y.shape[1] > PRE_DIM:  # the top PRE_DIM coordinates alone: a partial sum, still a bound
                 d2 = self._ypre[pos].sub_(qf[i, :PRE_DIM]).pow_(2).sum(1)
                 keep = d2 <= t2f[i]
                 i, pos = i[keep], pos[keep]

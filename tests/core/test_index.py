@@ -359,3 +359,24 @@ def test_cascade_centre_product_auto_keeps_small_indexes_float32():
     index = ReferenceIndex.build(clustered(400, g), backend="cascade", dim=3, cells=16)
     index.range_search(clustered(3, g), 0.3)
     assert index.subcells.product == "float32"
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+@pytest.mark.parametrize("flat", [0.0, math.inf])
+def test_cascade_prefix_scan_of_every_row_and_annulus_listing_agree(monkeypatch, flat, scale):
+    """search.ANNULUS_FLAT: past that share of all rows the cascade checks the PRE_DIM feature prefix of every row
+    by a matmul (its rounding covered by the flat scans' slack) instead of listing the annulus rows; forced
+    either way, answers are brute force's, bit for bit, for radii at a distance, far below matmul error, and wide."""
+    from spell_core.index import search
+
+    monkeypatch.setattr(search, "ANNULUS_FLAT", flat)
+    g = torch.Generator().manual_seed(31)
+    z = torch.cat([clustered(1200, g, centres=6, spread=0.25), 10 * torch.randn(300, *SHAPE, generator=g)])
+    x = torch.cat([z[torch.randint(0, len(z), (10,), generator=g)] + 0.05 * torch.randn(10, *SHAPE, generator=g),
+                   z[1200:1202], z[1300:1301] + 1e-5, torch.randn(3, *SHAPE, generator=g)])
+    z, x = z * scale, x * scale
+    index = ReferenceIndex.build(z, backend="cascade", dim=9, cells=40)
+    d = rms_cdist(flat32(x), flat32(z))
+    for r in (0.05 * scale, 0.3 * scale, 1.5 * scale, float(d[0, 7]), 2e-5 * scale, 1e-7 * scale):
+        assert_same(index.range_search(x, r), brute(x, z, r))
+        assert (index.subcells.scanned == len(z)) == (flat == 0.0 and index.subcells.scanned > 0)
