@@ -57,8 +57,9 @@ CELL_SIZE = 32
 PRE_DIM = 8
 # When the annulus of the live cells would keep more than this share of all rows (queries close to dense parts
 # of the set, as late sampling steps are), the cascade checks the PRE_DIM prefix of every row by one chunked
-# matmul instead of listing the annulus rows and gathering theirs: measured on 1.5 M SD1.5-shaped references,
-# listing and checking cost ~146 ns a row, the scan ~30 ns a row of the whole set (docs/index_realres_largest.md).
+# matmul instead of listing the annulus rows and gathering theirs: profiled on 1.5 M SD1.5-shaped references,
+# listing and checking cost ~146 ns a row left by the annulus, the scan 22-32 ns a row of the whole set
+# (docs/index_realres_largest.md, history; 2.13x per step side by side there).
 ANNULUS_FLAT = 0.2
 
 
