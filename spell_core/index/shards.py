@@ -218,10 +218,8 @@ class Shard:
         out = np.empty((len(local), d), np.float32) if out is None else out
         if len(local) == 0:
             return out
-        state = self._start(local, out)
-        if READ_HINTS == "willneed" and len(state[3]) > 1:
-            self._advise(local, state[3])
-        return self._finish(state)
+        read_parts([(self, local, out)])
+        return out
 
     def read(self, a: int, b: int) -> torch.Tensor:
         """Rows a..b as a float32 [b − a, D] tensor, read (not mapped: streaming leaves no resident pages)."""
@@ -232,6 +230,17 @@ class Shard:
         if self.stored != np.float32:
             x = x.astype(np.float32)
         return torch.from_numpy(x.reshape(b - a, d))
+
+
+def read_parts(parts: Sequence[tuple["Shard", np.ndarray, np.ndarray]]) -> None:
+    """Reads rows local (sorted) of each shard into its out [P, D] float32 (READ_HINTS): "willneed" reads what the
+    page cache holds at once and announces every other run, of all the shards, before the first read waits."""
+    states = [(shard, shard._start(local, out)) for shard, local, out in parts]
+    if READ_HINTS == "willneed" and sum(len(st[3]) for _, st in states) > 1:
+        for shard, st in states:
+            shard._advise(st[0], st[3])
+    for shard, st in states:
+        shard._finish(st)
 
 
 class LatentStore:
@@ -301,13 +310,8 @@ class LatentStore:
         """Rows kn [P] (ascending) of the shards read into out [≥ P, D] float32 (contiguous) -> out[:P]."""
         o = out.numpy()
         bounds = np.searchsorted(kn, self.starts)
-        parts = [(shard, shard._start(kn[bounds[s]:bounds[s + 1]] - self.starts[s], o[bounds[s]:bounds[s + 1]]))
-                 for s, shard in enumerate(self.shards) if bounds[s + 1] > bounds[s]]
-        if READ_HINTS == "willneed" and sum(len(st[3]) for _, st in parts) > 1:
-            for shard, st in parts:  # every shard's uncached runs announced before the first read waits
-                shard._advise(st[0], st[3])
-        for shard, st in parts:
-            shard._finish(st)
+        read_parts([(shard, kn[bounds[s]:bounds[s + 1]] - self.starts[s], o[bounds[s]:bounds[s + 1]])
+                    for s, shard in enumerate(self.shards) if bounds[s + 1] > bounds[s]])
         return out[:len(kn)]
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
