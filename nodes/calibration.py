@@ -5,13 +5,22 @@ and returns the suggested r as a FLOAT for SpellRepellency's radius input, the r
 from __future__ import annotations
 
 import comfy.model_management
+import folder_paths
+import numpy as np
+import torch
 
+from ..spell_core import StorageError
 from ..spell_core.calibration import KINDS, calibrate_images
+from ..spell_core.references import RESIZE_MODES, fit_batch, read_image
 from ..spell_core.variants import PRESETS as VARIANT_PRESETS
 from .common import SpellInputError
+from .references import NONE, folder_stamp, images_inside, input_folders
 from .report import image_batch
 
 MIN_COPIES = 20  # near-copies in all: fewer and the 95 % quantile is the largest distance
+# Images of a folder calibrated at most (evenly spaced in name order): a few dozen give r to its first digits, and
+# a folder may hold the millions an index is built from.
+FOLDER_SAMPLE = 200
 
 
 class SpellShieldCalibration:
@@ -23,7 +32,7 @@ class SpellShieldCalibration:
         "resize back, small shifts, a mirror image, JPEG re-compression, colour changes), encodes everything with "
         "the VAE into the model's latent space, and suggests the smallest r that holds 95% of the near-copies, with "
         "the share of distinct images (other protected images, or the images you connect) that r would also catch. "
-        "Connect the images at the size you generate at; set variants as SPELL Protected Set Loader's is set (with "
+        "Connect the images at the size you generate at, or choose their folder and set width and height; set variants as SPELL Protected Set Loader's is set (with "
         "'shifts + zoom' a shifted or cropped copy is caught at a much smaller r); wire the radius output into SPELL "
         "Sparse Repellency's radius (converted to an input). It does not sample."
     )
@@ -46,8 +55,6 @@ class SpellShieldCalibration:
                 "model": ("MODEL", {"tooltip": "The model you sample with: its latent format defines the space "
                                                "SPELL's radius is measured in."}),
                 "vae": ("VAE", {"tooltip": "The VAE of that model."}),
-                "images": ("IMAGE", {"tooltip": "The protected images (or a sample of them), at the size you "
-                                                "generate at; at least 2 when no distinct images are connected."}),
                 "copies_per_image": ("INT", {"default": 10, "min": 1, "max": 200, "tooltip":
                     "Near-copies made of each image, the kinds taken in turn; at least 20 near-copies in all. More "
                     "gives a steadier r and takes longer (one VAE encode each)."}),
@@ -58,6 +65,9 @@ class SpellShieldCalibration:
                     "image is a different picture."}),
             },
             "optional": {
+                "images": ("IMAGE", {"tooltip": "The protected images (or a sample of them), at the size you "
+                                                "generate at; at least 2 when no distinct images are connected. Or "
+                                                "choose their folder below."}),
                 "distinct_images": ("IMAGE", {"tooltip":
                     "Images that must NOT count as copies (other artwork, a held-out set), the same size as the "
                     "protected images. Not connected: each protected image against its nearest other one."}),
@@ -65,10 +75,28 @@ class SpellShieldCalibration:
                     "The versions of each image the shield holds: choose what SPELL Protected Set Loader's variants "
                     "is set to. Near-copies are then measured to the nearest version of their source, distinct "
                     "images to the nearest version of any protected image."}),
+                "folder": ([NONE, *input_folders()], {"default": NONE, "tooltip":
+                    "The protected images' folder under ComfyUI's input directory, as SPELL Protected Set Loader's "
+                    f"folder: its images (at most {FOLDER_SAMPLE}, evenly spaced by name) are calibrated, fitted to "
+                    "width x height. Combined with the images input if both are given."}),
+                "width": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8, "tooltip":
+                    "Generation width: the protected and distinct images are fitted to it first (as the loader "
+                    "does). 0: the connected images as they are; a folder needs the size you generate at."}),
+                "height": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8, "tooltip":
+                    "Generation height (0: the connected images' own)."}),
+                "resize": (list(RESIZE_MODES), {"tooltip": "center crop: crop the centred window of the target "
+                                                           "aspect ratio, then resize (Lanczos). stretch: resize only."}),
             },
         }
 
-    def calibrate(self, model, vae, images, copies_per_image, seed, flip, distinct_images=None, variants="none"):
+    @classmethod
+    def IS_CHANGED(cls, folder=NONE, **kwargs):
+        """Re-run when the chosen folder's images change (connected inputs are ComfyUI's own to track)."""
+        return folder_stamp(folder)
+
+    def calibrate(self, model, vae, images=None, copies_per_image=10, seed=0, flip=True, distinct_images=None,
+                  variants="none", folder=NONE, width=0, height=0, resize="center crop"):
+        images, distinct_images, source = self.protected(images, distinct_images, folder, width, height, resize)
         self.check(images, copies_per_image, distinct_images)
         if variants not in VARIANT_PRESETS:
             raise SpellInputError(self.NODE_ID, f"variants must be one of {list(VARIANT_PRESETS)}, got {variants!r}.")
@@ -80,8 +108,46 @@ class SpellShieldCalibration:
         kinds = KINDS if flip else tuple(k for k in KINDS if k != "flip")
         result = calibrate_images(images, encode, copies_per_image, seed, kinds, distinct_images,
                                   variants_name=variants)
-        text = result.text()
+        text = result.text() + source
         return {"ui": {"text": [text]}, "result": (image_batch([result.chart()]), text, result.radius)}
+
+    def protected(self, images, distinct_images, folder, width, height, resize):
+        """(protected [N, H, W, 3], distinct or None, a line for the report naming the folder): the folder's images
+        and the connected ones, fitted to width x height when it is set."""
+        if (width == 0) != (height == 0):
+            raise SpellInputError(self.NODE_ID, f"width {width} and height {height}: set both to the size you "
+                                                f"generate at, or both to 0 for the connected images as they are.")
+        if resize not in RESIZE_MODES:
+            raise SpellInputError(self.NODE_ID, f"resize must be one of {list(RESIZE_MODES)}, got {resize!r}.")
+        sized = width > 0
+
+        def fit(batch):
+            return torch.from_numpy(fit_batch(batch.detach().float().cpu().numpy(), width, height, resize))
+
+        parts, source = [], ""
+        if folder != NONE:
+            if not sized:
+                raise SpellInputError(self.NODE_ID, f"folder {folder!r}: set width and height to the size you generate "
+                                                    f"at (the images are fitted to it, as SPELL Protected Set Loader "
+                                                    f"fits them).")
+            try:
+                files = images_inside(folder_paths.get_input_directory(), folder)
+                if not files:
+                    raise StorageError(f"folder {folder!r} under ComfyUI's input directory holds no images")
+                pick = np.unique(np.linspace(0, len(files) - 1, min(len(files), FOLDER_SAMPLE)).round().astype(int))
+                parts.append(torch.from_numpy(np.stack([read_image(files[k], width, height, resize) for k in pick])))
+                source = (f"\nfrom folder {folder}: {len(pick)} of its {len(files)} images"
+                          + (" (evenly spaced by name)" if len(pick) < len(files) else "")
+                          + f", fitted to {width}x{height} ({resize})")
+            except StorageError as e:
+                raise SpellInputError(self.NODE_ID, f"{e}; choose another folder.") from e
+        if images is not None:
+            parts.append(fit(images) if sized else images)
+        if not parts:
+            raise SpellInputError(self.NODE_ID, "no protected images: connect images or choose their folder.")
+        if distinct_images is not None and sized:
+            distinct_images = fit(distinct_images)
+        return torch.cat([p.float() for p in parts]), distinct_images, source
 
     def check(self, images, copies_per_image, distinct_images):
         n = images.shape[0]

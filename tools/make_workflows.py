@@ -62,6 +62,15 @@ GRAPHS = {
                                         "resize": "center crop"}, {"vae": (1, 1)}),
         **tail({"references": (5, 0)}, "spell_protected"),
     },
+    "spell_shield_calibrated": {
+        **COMMON,
+        5: ("SpellProtectedSetLoader", {"folder": PROTECTED_FOLDER, "set_file": "(none)", "width": 64, "height": 64,
+                                        "resize": "center crop", "variants": "shifts + zoom"}, {"vae": (1, 1)}),
+        6: ("SpellShieldCalibration", {"copies_per_image": 10, "seed": 0, "flip": False, "variants": "shifts + zoom",
+                                       "folder": PROTECTED_FOLDER, "width": 64, "height": 64,
+                                       "resize": "center crop"}, {"model": (1, 0), "vae": (1, 1)}),
+        **tail({"references": (5, 0), "radius": (6, 2)}, "spell_shield_calibrated"),
+    },
     "spell_batch_memory": {
         **COMMON,
         6: ("SpellBatchMemory", {"name": "demo", "capacity": 256}, {}),
@@ -116,6 +125,14 @@ NOTES = {
         "of them; with enforce_shield on this is a guarantee.\n\nWithout SPELL most outputs of this seed are near "
         "copies of a protected 1. SPELL Report lists each output's distance to its nearest protected reference: "
         "all at or above r."),
+    "spell_shield_calibrated": (
+        "**SPELL: a shield whose radius is measured.** SPELL Shield Calibration makes near-copies of the protected "
+        "images (crops, small shifts, JPEG, brightness; mirror images off for digits), encodes them with the demo "
+        "VAE and suggests the smallest r that holds 95 % of them; its radius output drives SPELL Sparse "
+        "Repellency's radius. Both it and the loader hold each image also shifted and zoomed (variants), so a "
+        "small r catches shifted copies without pushing other digits away.\n\nPoint both folders at your own "
+        "protected images and set width and height to your generation size; read the report on the node (and the "
+        "histogram: its first output, for a Preview Image) before trusting the number: it says how many distinct images that r would also push away."),
     "spell_batch_memory": (
         "**SPELL: a batch memory across runs.** Press Run several times with the same fixed seed: each run appends "
         "its outputs to the memory \"demo\" (user/spell/memory/demo.safetensors), and the next run is pushed away "
@@ -157,6 +174,7 @@ IMAGES = {"SaveImage": (280, 260), "PreviewImage": (280, 260)}  # room for the i
 # Nodes whose text web/spell.js shows in a box below their widgets after a run: (min width, box height), so the
 # box (80 px at least) fits without the node growing over its neighbours; longer text scrolls in the box.
 TEXT = {"SpellReport": (500, 200), "SpellFairnessReport": (440, 230), "SpellAttributeHeadTrainer": (330, 170),
+        "SpellShieldCalibration": (300, 90),
         "SpellProtectedSetLoader": (300, 90), "SpellDemoDigitExamples": (260, 90)}
 
 
@@ -280,11 +298,16 @@ def to_ui(graph: dict, node_classes: dict, note: str | None = None, extra: dict 
                     n_widgets += 1
         types = {**cls.INPUT_TYPES().get("required", {}), **cls.INPUT_TYPES().get("optional", {})}
         ui_inputs = []
+        widget_names = {name for name, spec in widget_inputs(cls)
+                        if not (len(spec) > 1 and spec[1].get("forceInput"))}
         for slot, name in enumerate(inputs):
             link_id = next(l[0] for l in links if l[3] == nid and l[1:3] == list(inputs[name]) and l[4] is None)
             links[link_id - 1][4] = slot
             links[link_id - 1][5] = types[name][0]
-            ui_inputs.append({"name": name, "type": types[name][0], "link": link_id})
+            entry = {"name": name, "type": types[name][0], "link": link_id}
+            if name in widget_names:  # a widget driven by a link: the front end keeps its value, draws a slot
+                entry["widget"] = {"name": name}
+            ui_inputs.append(entry)
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
         outputs = [{"name": n, "type": t, "links": out_links.get((nid, s), []), "slot_index": s}
                    for s, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]

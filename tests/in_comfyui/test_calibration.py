@@ -1,6 +1,8 @@
 """SPELL Shield Calibration (nodes/calibration.py) inside ComfyUI: a graph run by ComfyUI's executor on the demo
 model and VAE whose suggested radius is wired into SPELL Sparse Repellency's radius input, and the node's refusals
 of inputs it cannot measure."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -154,3 +156,68 @@ def test_loader_folder_with_variants_and_refusals(comfy, executor):
     refused = executor.run(graph)
     assert not refused.success and "SpellProtectedSetLoader" in refused.error and "sideways" in refused.error, \
         refused.error
+
+
+def test_folder_is_calibrated_as_its_images_connected(comfy, executor, pack, tmp_path, monkeypatch):
+    """The protected images chosen as a folder under input/ (the Protected Set Loader's folder, fitted to width x
+    height) give the same radius and report as the same images connected as an IMAGE batch; the report names the
+    folder and how many of its images were used (a sample, evenly spaced, above FOLDER_SAMPLE); the images input
+    fitted to width x height when it is set; refusals name the node and the fix; IS_CHANGED follows the folder."""
+    import folder_paths
+    import numpy as np
+    from PIL import Image
+
+    from tools.demo_assets import write_protected_digits
+
+    folder = write_protected_digits(folder_paths.get_input_directory())
+    node_cls = comfy.NODE_CLASS_MAPPINGS["SpellShieldCalibration"]
+    node = node_cls()
+    model, vae, _ = comfy.NODE_CLASS_MAPPINGS["SpellDemoModelLoader"]().load()
+    files = sorted(folder.glob("*.png"))
+    pixels = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255
+                                        for f in files]))
+    graph = {"1": {"class_type": "SpellDemoModelLoader", "inputs": {}},
+             "2": {"class_type": "SpellShieldCalibration", "inputs": {
+                 "model": ["1", 0], "vae": ["1", 1], "copies_per_image": 2, "seed": 3, "flip": False,
+                 "variants": "none", "folder": folder.name, "width": 64, "height": 64, "resize": "center crop"}}}
+    result = executor.run(graph)
+    assert result.success, result.error
+    _, report, radius = result.outputs["2"]
+    connected = node.calibrate(model, vae, pixels, 2, 3, False)["result"]
+    assert radius == connected[2]
+    assert report == connected[1] + f"\nfrom folder {folder.name}: 24 of its 24 images, fitted to 64x64 (center crop)"
+    assert f"{len(files)} protected images" in report
+
+    monkeypatch.setattr(pack.nodes.calibration, "FOLDER_SAMPLE", 5)
+    sampled = node.calibrate(model, vae, None, 4, 3, False, folder=folder.name, width=64, height=64)["result"][1]
+    assert "from folder spell_protected_digits: 5 of its 24 images (evenly spaced by name)" in sampled
+    assert "5 protected images" in sampled
+
+    small = torch.nn.functional.interpolate(pixels.permute(0, 3, 1, 2), size=(32, 32)).permute(0, 2, 3, 1)
+    fitted = node.calibrate(model, vae, small, 2, 3, False, distinct_images=small[:4], width=64, height=64)
+    assert "24 protected images" in fitted["result"][1] and "of 4 (supplied distinct images" in fitted["result"][1]
+
+    with pytest.raises(ValueError, match=r"SpellShieldCalibration: folder 'spell_protected_digits': set width and "
+                                         r"height to the size you generate at"):
+        node.calibrate(model, vae, None, 2, 3, False, folder=folder.name)
+    with pytest.raises(ValueError, match=r"SpellShieldCalibration: width 64 and height 0: set both"):
+        node.calibrate(model, vae, pixels, 2, 3, False, width=64)
+    with pytest.raises(ValueError, match=r"SpellShieldCalibration: no protected images: connect images or choose"):
+        node.calibrate(model, vae, None, 2, 3, False)
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (64, 64)).save(outside)
+    linked = Path(folder_paths.get_input_directory(), "calibration_linked")
+    linked.mkdir(exist_ok=True)
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(linked / "a.png")
+    (linked / "b.png").unlink(missing_ok=True)
+    (linked / "b.png").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"SpellShieldCalibration: .*b\.png.*choose another folder"):
+        node.calibrate(model, vae, None, 20, 3, False, folder=linked.name, width=64, height=64)
+
+    before = node_cls.IS_CHANGED(folder=folder.name)
+    assert node_cls.IS_CHANGED(folder=folder.name) == before
+    Image.new("RGB", (64, 64)).save(folder / "zz_added.png")
+    try:
+        assert node_cls.IS_CHANGED(folder=folder.name) != before
+    finally:
+        (folder / "zz_added.png").unlink()
