@@ -103,11 +103,12 @@ def annulus_rows(key: torch.Tensor, scale: float, off: torch.Tensor, qi: torch.T
     hi = torch.minimum(hi, off[cell + 1])
     lo = torch.maximum(lo, off[cell])
     n = (hi - lo).clamp_min(0)
-    if max_rows is not None and int(n.sum()) > max_rows:
+    total = int(n.sum())
+    if max_rows is not None and total > max_rows:
         return None, None
-    seg = torch.repeat_interleave(torch.arange(len(n)), n)
-    pos = torch.arange(len(seg)) - torch.repeat_interleave(n.cumsum(0) - n, n) + lo[seg]
-    return qi[seg], pos
+    # row p of the output, in pair j's slice: position p − (rows before pair j) + lo[j]
+    shift = torch.repeat_interleave(lo - (n.cumsum(0) - n), n, output_size=total)
+    return torch.repeat_interleave(qi, n, output_size=total), torch.arange(total).add_(shift)
 
 
 def kmeans(y: torch.Tensor, k: int, seed: int = 0, iters: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
