@@ -178,9 +178,10 @@ def report(res: dict, argv: list) -> str:
         L.append("## B. skipped: the demo's 1.2 M shield index folder was not found (run benchmarks.shield_e2e).")
     else:
         L += ["## B. Partitions the demo shield's requests would touch\n",
-              f"{g['calls']} range searches recorded (batch 8; the model calls and each run's final enforcement), {g['cells']:,} cascade cells over {g['rows']:,} references, "
-              f"r = {SHIELD_R}: {g['live_cells_per_call']:.0f} live cells per call, holding "
-              f"{g['rows_in_live_cells_per_call']:,.0f} rows ({100 * g['rows_in_live_cells_per_call'] / g['rows']:.1f} %).\n",
+              f"{g['calls']} range searches recorded (batch 8; the model calls and each run's final enforcement), "
+              f"{g['cells']:,} cascade cells over {g['rows']:,} references, r = {SHIELD_R}: "
+              f"{g['live_cells_per_call']:.0f} live cells per call, holding {g['rows_in_live_cells_per_call']:,.0f} "
+              f"rows ({100 * g['rows_in_live_cells_per_call'] / g['rows']:.1f} %).\n",
               "| partitions | grouping of the cells | partitions touched per call (max) | share of all rows in them |",
               "|---|---|---|---|"]
         for row in g["groupings"]:

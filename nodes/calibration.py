@@ -14,7 +14,7 @@ from ..spell_core.calibration import KINDS, calibrate_images
 from ..spell_core.references import RESIZE_MODES, fit_batch, read_image
 from ..spell_core.variants import PRESETS as VARIANT_PRESETS
 from .common import SpellInputError
-from .references import NONE, folder_stamp, images_inside, input_folders
+from .references import NONE, SIZE_INPUTS, folder_stamp, images_inside, input_folders
 from .report import image_batch
 
 MIN_COPIES = 20  # near-copies in all: fewer and the 95 % quantile is the largest distance
@@ -32,8 +32,9 @@ class SpellShieldCalibration:
         "resize back, small shifts, a mirror image, JPEG re-compression, colour changes), encodes everything with "
         "the VAE into the model's latent space, and suggests the smallest r that holds 95% of the near-copies, with "
         "the share of distinct images (other protected images, or the images you connect) that r would also catch. "
-        "Connect the images at the size you generate at, or choose their folder and set width and height; set variants as SPELL Protected Set Loader's is set (with "
-        "'shifts + zoom' a shifted or cropped copy is caught at a much smaller r); wire the radius output into SPELL "
+        "Connect the images at the size you generate at, or choose their folder and set width and height; set "
+        "variants as SPELL Protected Set Loader's is set (with 'shifts + zoom' a shifted or cropped copy is caught "
+        "at a much smaller r); wire the radius output into SPELL "
         "Sparse Repellency's radius (converted to an input). It does not sample."
     )
     RETURN_TYPES = ("IMAGE", "STRING", "FLOAT")
@@ -84,8 +85,7 @@ class SpellShieldCalibration:
                     "does). 0: the connected images as they are; a folder needs the size you generate at."}),
                 "height": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8, "tooltip":
                     "Generation height (0: the connected images' own)."}),
-                "resize": (list(RESIZE_MODES), {"tooltip": "center crop: crop the centred window of the target "
-                                                           "aspect ratio, then resize (Lanczos). stretch: resize only."}),
+                "resize": SIZE_INPUTS["resize"],
             },
         }
 

@@ -132,7 +132,8 @@ NOTES = {
         "Repellency's radius. Both it and the loader hold each image also shifted and zoomed (variants), so a "
         "small r catches shifted copies without pushing other digits away.\n\nPoint both folders at your own "
         "protected images and set width and height to your generation size; read the report on the node (and the "
-        "histogram: its first output, for a Preview Image) before trusting the number: it says how many distinct images that r would also push away."),
+        "histogram: its first output, for a Preview Image) before trusting the number: it says how many distinct "
+        "images that r would also push away."),
     "spell_batch_memory": (
         "**SPELL: a batch memory across runs.** Press Run several times with the same fixed seed: each run appends "
         "its outputs to the memory \"demo\" (user/spell/memory/demo.safetensors), and the next run is pushed away "
