@@ -1,11 +1,11 @@
 """End to end: the demo model's shield searched through the Milvus engine against the local index (issue 13).
 
-    .venv/bin/python -m benchmarks.engine_e2e [--n 1200000] [--repeats 5] [--reuse 0.25 0.5]
+    .venv/bin/python -m benchmarks.engine_e2e [--n 1200000] [--repeats 5] [--reuse 0.25 0.5] [--uri URI --out F]
 
 References: the same index folder as ``benchmarks.shield_e2e`` (1.2 M augmentations of the demo's training digits,
 encoded by the demo VAE to [4, 8, 8]; built there, or here if missing, under the same git-ignored base folder).
 Its lower-bound features (33 floats a reference) are uploaded once to a milvus-lite database inside the index
-folder (``python -m spell_core.index engine``; the upload time is reported), and the folder is opened twice
+folder, or with --uri to a Milvus server (``pip install milvus`` brings a standalone one, ``milvus-server``) (``python -m spell_core.index engine``; the upload time is reported), and the folder is opened twice
 through SPELL Protected Set Loader: as is (the local "cascade" index) and with its engine.json (candidates from
 Milvus, exact recheck local). Sampling: ComfyUI's KSampler path (euler, normal, 20 steps, CFG 4, "any digit",
 batch 8), configurations interleaved per repeat with the same seeds:
@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "engine_e2e.md"))
     ap.add_argument("--reuse", type=float, nargs="*", default=[0.25, 0.5],
                     help="step-reuse distances (fractions of r) for the engine, beside a search at every call")
+    ap.add_argument("--uri", default=None, help="a Milvus server (http://host:19530) instead of milvus-lite in the folder")
     args = ap.parse_args(argv)
     t_all = time.time()
     from tools import comfy_host
@@ -87,13 +88,20 @@ def measure(args, argv, comfy, core, engine_mod, nodes, name, out_dir, bars, pro
     print(f"index: {what} in {time.time() - t0:.0f} s", flush=True)
 
     local_index = core.index.ReferenceIndex.load(out_dir, engine=False)
+    if args.uri:  # a fresh upload on the server too: this set's own collection (named by its fingerprint) goes first
+        name_fp = "spell_" + engine_mod.fingerprint(local_index.reference_features(), tuple(local_index.item_shape))[:40]
+        client = engine_mod._client(args.uri)
+        if client.has_collection(name_fp):
+            client.drop_collection(name_fp)
     up = tqdm(total=len(local_index), desc="upload", unit="row", dynamic_ncols=True)
     t0 = time.time()
-    engine_mod.upload_folder(local_index, out_dir, progress=lambda done, total: up.update(done - up.n))
+    engine_mod.upload_folder(local_index, out_dir, uri=args.uri or engine_mod.DEFAULT_URI,
+                             progress=lambda done, total: up.update(done - up.n))
     up.close()
     upload_s = time.time() - t0
-    db_mb = sum(f.stat().st_size for f in (out_dir / engine_mod.DEFAULT_URI).rglob("*") if f.is_file()) / 2**20
-    print(f"engine: features uploaded in {upload_s:.1f} s ({db_mb:.0f} MB on disk)", flush=True)
+    lite = out_dir / engine_mod.DEFAULT_URI
+    db_mb = sum(f.stat().st_size for f in lite.rglob("*") if f.is_file()) / 2**20 if args.uri is None else None
+    print(f"engine: features uploaded in {upload_s:.1f} s", flush=True)
     del local_index
 
     model, vae, prompts = nodes["SpellDemoModelLoader"]().load()
@@ -162,7 +170,8 @@ def measure(args, argv, comfy, core, engine_mod, nodes, name, out_dir, bars, pro
                      "per_image_s": cost, "to_local": (cost / local_cost) if k != "SPELL, no references" and local_cost > 0 else None,
                      "requests": statistics.median(requests[k]) if requests[k][0] is not None else None,
                      "inside": inside[k], "images": BATCH * len(seeds), "same_as_local": same.get(k)})
-    res = {"n": args.n, "r": r, "upload_s": round(upload_s, 1), "db_mb": round(db_mb, 1),
+    res = {"n": args.n, "r": r, "engine": args.uri or "milvus-lite", "upload_s": round(upload_s, 1),
+           "db_mb": None if db_mb is None else round(db_mb, 1), "out": Path(args.out).name,
            "load_engine_s": round(load_engine_s, 2), "load_local_s": round(load_local_s, 2), "summary": summary,
            "rows": rows, "rss_mb": rss_mb(), **machine_facts(),
            "total_s": round(time.time() - t_all, 1)}
@@ -172,12 +181,16 @@ def measure(args, argv, comfy, core, engine_mod, nodes, name, out_dir, bars, pro
 
 def report(res, argv) -> str:
     cmd = "python -m benchmarks.engine_e2e" + ("" if not argv else " " + " ".join(argv))
-    L = ["# End to end: the shield searched through Milvus (milvus-lite) against the local index\n",
+    lite = res.get("engine", "milvus-lite") == "milvus-lite"
+    where = "milvus-lite" if lite else f"a Milvus server at {res['engine']}"
+    stored = f"{res['db_mb']} MB on disk" if lite else "on the server"
+    L = [f"# End to end: the shield searched through Milvus ({'milvus-lite' if lite else 'a server'}) against the "
+         f"local index\n",
          f"Made by `{cmd}` on {res['machine']}, torch threads {res['threads']}, load average at the end "
-         f"{' '.join(res['loadavg'])}; raw numbers in `engine_e2e.json`.\n",
+         f"{' '.join(res['loadavg'])}; raw numbers in `{Path(res.get('out', 'engine_e2e.md')).with_suffix('.json').name}`.\n",
          __doc__.split("\n\n", 2)[2].split("Writes docs")[0].strip() + "\n",
-         f"Shield: {res['n']:,} references, r = {res['r']}. Upload of the features to milvus-lite: {res['upload_s']} s "
-         f"({res['db_mb']} MB on disk). Opening the folder through the loader: {res['load_engine_s']} s with the engine, "
+         f"Shield: {res['n']:,} references, r = {res['r']}. Upload of the features to {where}: {res['upload_s']} s "
+         f"({stored}). Opening the folder through the loader: {res['load_engine_s']} s with the engine, "
          f"{res['load_local_s']} s local. Process memory at the end: {res['rss_mb'].get('RssAnon', '?')} MB anonymous + "
          f"{res['rss_mb'].get('RssFile', '?')} MB file-backed (peak {res['rss_mb'].get('VmHWM', '?')} MB).\n",
          "| configuration | median s per batch of 8 (min-max) | shield cost per image, s | to the local index | engine "

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .index.engine import CandidateLimitError
 from .repellency import escape_direction, flat32, guard_fraction, ray_exit, rms_cdist
 
 Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -155,7 +156,8 @@ class StepReuse:
     every reference that can come within r of any x with ||x − x_a|| ≤ δ (RMS; triangle inequality:
     d(x_a, z) ≤ d(x, z) + ||x − x_a|| < r + δ), so until the image has moved δ from its anchor its candidates
     are rechecked exactly and the (large) shield is not searched again. Rows with more than ``max_candidates``
-    candidates are not kept (searched at every call) so the cache stays small.
+    candidates are not kept (searched at every call) so the cache stays small; so are rows whose widened search
+    a Milvus engine cannot answer whole (``CandidateLimitError``): they are searched at r itself.
     """
 
     def __init__(self, shield: "Shield", delta: float, max_candidates: int = 4096):
@@ -167,6 +169,7 @@ class StepReuse:
         self.kept: list = []  # per row: (k [P], z [P, D]) or None (not kept)
         self.searched_rows = 0
         self.reused_rows = 0
+        self.narrowed_rows = 0  # rows searched at r because the engine could not return the widened answer
 
     def pairs(self, x: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every (image i, reference k, RMS distance d < r, reference row z [P, D]) for x [B, ...]."""
@@ -183,13 +186,19 @@ class StepReuse:
         self.reused_rows += b - len(rows)
         current = list(self.kept)  # per row: the candidates this call checks
         if len(rows):
-            # (1 + 1e-5): float32 distances are rounded (~1e-7 relative); the bound must hold for the true ones
-            i, k, _ = self.shield.range_search(x[rows], (r + self.delta) * (1 + 1e-5))
+            try:
+                # (1 + 1e-5): float32 distances are rounded (~1e-7 relative); the bound must hold for the true ones
+                i, k, _ = self.shield.range_search(x[rows], (r + self.delta) * (1 + 1e-5))
+                wide = True
+            except CandidateLimitError:  # an engine cannot return the widened answer whole: these rows at r
+                i, k, _ = self.shield.range_search(x[rows], r)
+                wide = False
+                self.narrowed_rows += len(rows)
             z = self.shield.get(k, x.device)
             for j, row in enumerate(rows.tolist()):
                 sel = i == j
                 current[row] = (k[sel], z[sel])
-                self.kept[row] = current[row] if int(sel.sum()) <= self.max_candidates else None
+                self.kept[row] = current[row] if wide and int(sel.sum()) <= self.max_candidates else None
                 self.anchor[row] = xf[row]
         out_i, out_k, out_d, out_z = [], [], [], []
         for row, (k, z) in enumerate(current):

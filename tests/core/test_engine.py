@@ -173,3 +173,53 @@ def test_a_server_uri_through_the_command_line(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.skipif(not os.environ.get("SPELL_MILVUS_URI"),
+                    reason="needs a Milvus server: set SPELL_MILVUS_URI (e.g. http://127.0.0.1:19530 from "
+                           "`pip install milvus` and `milvus-server`); CI has milvus-lite only")
+def test_a_milvus_server_answers_exactly_right_after_the_upload(tmp_path):
+    """A real Milvus server (standalone or cluster): searched at Bounded consistency straight after the upload,
+    every radius matches brute force (the Strong count(*) at upload is what makes that safe)."""
+    uri = os.environ["SPELL_MILVUS_URI"]
+    z = structured(3000, seed=int(time.time()) % 10_000)  # a fresh fingerprint: a new collection each run
+    ReferenceIndex.build(z).save(tmp_path / "set")
+    assert main(["engine", str(tmp_path / "set"), "--uri", uri]) == 0
+    index = ReferenceIndex.load(tmp_path / "set")
+    assert index.engine.uri == uri
+    try:
+        g = torch.Generator().manual_seed(4)
+        x = z[torch.randint(0, len(z), (8,), generator=g)] + 0.08 * torch.randn(8, *SHAPE, generator=g)
+        found = 0
+        for r in (0.01, 0.06, 0.1, 0.3, 2.0):
+            got, want = index.range_search(x, r), brute(x, z, r)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"pairs differ at r={r}"
+            found += len(got[0])
+        assert found > 100
+    finally:
+        index.engine.client.drop_collection(index.engine.collection)
+
+
+def test_step_reuse_searches_at_r_where_the_engine_cannot_return_the_widened_answer(tmp_path):
+    """StepReuse widens its searches to r + δ; where the engine would have to cut that answer it searches at r
+    instead: every call still matches brute force, and an image whose widened answer fits is reused again."""
+    from spell_core.shield import IndexPart, Shield, StepReuse
+
+    z = torch.cat([torch.zeros(40, *SHAPE), structured(400, seed=7)])
+    ReferenceIndex.build(z).save(tmp_path)
+    index = ReferenceIndex.load(tmp_path, engine=False)
+    eng = upload_folder(index, tmp_path)
+    eng.page, eng.max_limit = 8, 128  # zero's 40 copies fit an answer at r; its 257 references within r + δ do not
+    r, delta = 0.05, 0.75
+    for start, narrowed in ((torch.zeros(1, *SHAPE), True), (torch.full((1, *SHAPE), 3.0), False)):
+        reuse = StepReuse(Shield([IndexPart(index, 1.0, 0.0)]), delta=delta)
+        x = start
+        for step in range(4):
+            x = x + 0.001 * step
+            i, k, d, _ = reuse.pairs(x, r)
+            bi, bk, _ = brute(x, z, r)
+            assert sorted(zip(i.tolist(), k.tolist())) == sorted(zip(bi.tolist(), bk.tolist()))
+        if narrowed:  # searched at r at every call, never kept
+            assert len(bi) == 40 and reuse.narrowed_rows == 4 and reuse.reused_rows == 0
+        else:  # far from every reference: the widened answer fits and is reused
+            assert reuse.narrowed_rows == 0 and reuse.reused_rows == 3
