@@ -234,7 +234,7 @@ def run(args) -> None:
     if args.quick:
         prompts, seeds, methods = ["any digit", "3"], SEEDS[:2], [METHODS[0], METHODS[5], METHODS[9]]
     if args.seeds_from is not None:  # fresh seeds, to check a choice made on the default ones
-        seeds = list(range(args.seeds_from, args.seeds_from + len(SEEDS)))
+        seeds = list(range(args.seeds_from, args.seeds_from + (args.seed_count or len(SEEDS))))
     if args.only:
         unknown = set(args.only) - {f"{m} {k}" if k is not None else m for m, k, _ in METHODS}
         if unknown:
@@ -252,6 +252,7 @@ def run(args) -> None:
     command = (f"python -m benchmarks.diversity_decide --batch {args.batch}" + (" --quick" if args.quick else "")
                + ("".join(f' --methods "{m}"' for m in args.methods) if args.methods else "")
                + (f" --seeds-from {args.seeds_from}" if args.seeds_from is not None else "")
+               + (f" --seed-count {args.seed_count}" if args.seed_count else "")
                + ("".join(f' --only "{m}"' for m in args.only) if args.only else "")
                + (f" --out {args.out}" if args.out else ""))
     R.update(command=command,
@@ -393,30 +394,37 @@ def worst(stats: dict, prompts: list) -> str:
 
 
 def validation(batches: list[int]) -> list[str]:
-    """The fresh-seed check of the chosen default (``--seeds-from``, results under OUT/validation)."""
-    data = {b: json.loads((OUT / "validation" / f"batch{b}.json").read_text()) for b in batches
-            if (OUT / "validation" / f"batch{b}.json").exists()}
-    if not data:
-        return []
-    any_r = next(iter(data.values()))
-    L = ["## The default on fresh seeds", "",
-         f"The choice of the default was made on the seeds above; these runs check it on {len(any_r['seeds'])} other "
-         f"seeds ({any_r['seeds'][0]}-{any_r['seeds'][-1]}), everything else the same. Commands: "
-         + ", ".join(f"`{d['command']}`" for d in data.values()) + ".", "",
-         "| batch | method | Vendi | Δ Vendi | precision | Δ precision | prompts Vendi up | prompts precision down > 0.03 "
-         "| worst prompt's Δ precision |", "|---|---|---|---|---|---|---|---|---|"]
-    for b, d in data.items():
-        for r in d["results"]:
-            m, st = r["stats"]["mean"], r["stats"]
-            if "delta" not in m["vendi"]:
-                L.append(f"| {b} | {label(r)} | {with_ci(m['vendi'])} | | {with_ci(m['precision'])} | | – | – | – |")
-                continue
-            up = sum(st[p]["vendi"]["delta"] > 0 for p in d["prompts"])
-            down = sum(st[p]["precision"]["delta"] < -0.03 for p in d["prompts"])
-            L.append(f"| {b} | {label(r)} | {with_ci(m['vendi'])} | {with_ci(m['vendi'], 'delta', 'delta_ci', True)} | "
-                     f"{with_ci(m['precision'])} | {with_ci(m['precision'], 'delta', 'delta_ci', True)} | {up} | "
-                     f"{down} | {worst(st, d['prompts'])} |")
-    return L + [""]
+    """The fresh-seed checks of the chosen default (``--seeds-from``): one table per folder OUT/validation*."""
+    L = []
+    for folder in sorted(OUT.glob("validation*")):
+        data = {b: json.loads((folder / f"batch{b}.json").read_text()) for b in batches
+                if (folder / f"batch{b}.json").exists()}
+        if not data:
+            continue
+        any_r = next(iter(data.values()))
+        if not L:
+            L = ["## The default on fresh seeds", "",
+                 "The choice of the default was made on the seeds above; these runs check it on other seeds, "
+                 "everything else the same.", ""]
+        L += [f"Seeds {any_r['seeds'][0]}-{any_r['seeds'][-1]} ({len(any_r['seeds'])} batches per prompt and method; "
+              f"`{folder.relative_to(ROOT)}`). Commands: " + ", ".join(f"`{d['command']}`" for d in data.values()) + ".",
+              "",
+              "| batch | method | Vendi | Δ Vendi | precision | Δ precision | prompts Vendi up | prompts precision down "
+              "> 0.03 | worst prompt's Δ precision |", "|---|---|---|---|---|---|---|---|---|"]
+        for b, d in data.items():
+            for r in d["results"]:
+                m, st = r["stats"]["mean"], r["stats"]
+                if "delta" not in m["vendi"]:
+                    L.append(f"| {b} | {label(r)} | {with_ci(m['vendi'])} | | {with_ci(m['precision'])} | | – | – | – |")
+                    continue
+                up = sum(st[p]["vendi"]["delta"] > 0 for p in d["prompts"])
+                down = sum(st[p]["precision"]["delta"] < -0.03 for p in d["prompts"])
+                L.append(f"| {b} | {label(r)} | {with_ci(m['vendi'])} | "
+                         f"{with_ci(m['vendi'], 'delta', 'delta_ci', True)} | {with_ci(m['precision'])} | "
+                         f"{with_ci(m['precision'], 'delta', 'delta_ci', True)} | {up} | {down} | "
+                         f"{worst(st, d['prompts'])} |")
+        L.append("")
+    return L
 
 
 def main():
@@ -426,6 +434,7 @@ def main():
     ap.add_argument("--methods", nargs="+", metavar="NAME", help="also run these methods (names of METHODS, every "
                     "knob), e.g. \"SPELL features\"; with --quick, added to the smoke set")
     ap.add_argument("--seeds-from", type=int, help=f"seeds N .. N+{len(SEEDS) - 1} instead of {SEEDS[0]}-{SEEDS[-1]}")
+    ap.add_argument("--seed-count", type=int, help=f"with --seeds-from: this many seeds (default {len(SEEDS)})")
     ap.add_argument("--only", nargs="+", metavar="LABEL", help='run only the baseline and these methods, by label '
                     '(method and knob, as in the report: "SPELL adaptive 1.05")')
     ap.add_argument("--out", help=f"folder for the result files (default {OUT.relative_to(ROOT)})")
