@@ -11,12 +11,13 @@ The same client (``pymilvus``) talks to an embedded ``milvus-lite`` database (a 
 ``https://``, ``tcp://`` or ``unix:`` URI; a token from the environment variable ``SPELL_MILVUS_TOKEN``).
 
 What Milvus does that the pack must undo, each handled here:
-- a search at the default (Strong) consistency waits for the server's next time tick: about 200 ms a request on a
-  Milvus 2.3 server (measured: 8 queries over 200,000 features 200 ms Strong, 30 ms Bounded). The collection is
-  written once, so the pack checks once, at upload and at connect, that the query nodes serve every row (a
-  count(*) at Strong consistency) and then searches at Bounded consistency;
-- a fresh upload is searched brute force until the server has built its FLAT index (1.2 s for 8 queries over
-  1.2 M features before, 0.14 s after): the upload waits for the index, up to ``INDEX_WAIT_S``;
+- a search at the default (Strong) consistency waits for the server's time tick (docs/engine_server.md, a Milvus
+  2.3.5 server: 8 queries over 200,000 features 399 ms Strong, 32 ms Bounded). The collection is written once, so
+  the pack checks once, at upload and at connect, that the query nodes serve every row (a count(*) at Strong
+  consistency) and then searches at Bounded consistency;
+- a fresh upload is searched brute force until the server has built its FLAT index and handed the growing
+  segments over to sealed ones (8 queries over 1.2 M features: 1.57 s at once after the load, 0.15 s after): the
+  upload waits for both (``_wait_for_index``), up to ``INDEX_WAIT_S``;
 - distances are squared L2 (``radius`` is compared with t², not t) and the radius is strict (``<``); t² has
   slack, so strictness cannot lose a reference the exact check keeps;
 - a range search returns at most ``limit`` hits per query, the nearest ones (a cluster caps ``limit`` at
@@ -51,9 +52,10 @@ DEFAULT_URI = "engine.db"  # milvus-lite, inside the index folder
 TOKEN_ENV = "SPELL_MILVUS_TOKEN"
 # Hits asked for per query in the first request. A shield query has few candidates (most have none), and
 # milvus-lite's cost grows with the limit (it runs a top-5·limit search, then filters by radius): on 20,000 demo
-# features, 8 queries cost 24 ms at limit 1, 29 ms at 16, 105 ms at 256, 351 ms at 1024. A Milvus 2.3 server's
-# does not until the hits themselves are many (8 queries over 1.2 M features, 16 hits each: 139 ms at limit 16,
-# 144 ms at 1024, 148 ms at 16,384), and every request asked again is another scan, so a server starts at 1024.
+# features, 8 queries cost 24 ms at limit 1, 29 ms at 16, 105 ms at 256, 351 ms at 1024. A Milvus 2.3.5 server's
+# does not while the answers are short (docs/engine_server.md, 8 queries over 1.2 M features, about 16 hits each:
+# 146 ms at limit 16, 149 ms at 1024, 136 ms at 16,384), and every request asked again is another scan of all the
+# features, so a server starts at 1024.
 PAGE = 16
 SERVER_PAGE = 1024
 GROWTH = 4  # a full answer is asked again with GROWTH times the limit
@@ -134,7 +136,7 @@ class MilvusEngine:
             if client.has_collection(name):
                 if _row_count(client, name) == n:
                     client.load_collection(name)
-                    _wait_for_index(client, name, n)
+                    _wait_for_index(client, name, n, uri)
                     if _served_rows(client, name) == n:
                         return cls(client, uri, name, n, dim)
                 client.drop_collection(name)
@@ -155,7 +157,7 @@ class MilvusEngine:
             if hasattr(client, "flush"):
                 client.flush(name)
             client.load_collection(name)
-            _wait_for_index(client, name, n)
+            _wait_for_index(client, name, n, uri)
             got = _served_rows(client, name)
         except EngineError:
             raise
@@ -245,22 +247,26 @@ def _served_rows(client, name: str) -> int:
     return int(res[0]["count(*)"]) if res else 0
 
 
-def _wait_for_index(client, name: str, n: int, wait_s: float = INDEX_WAIT_S) -> None:
-    """Waits until the FLAT index covers all n rows (a server builds it after the flush; until then it answers
-    slower, never less exactly); gives up quietly after wait_s."""
+def _wait_for_index(client, name: str, n: int, uri: str, wait_s: float = INDEX_WAIT_S) -> None:
+    """Waits until a server searches all n rows through its FLAT index: the index covers them and the query
+    nodes hold them in sealed segments (a server hands the growing segments of a fresh upload over to sealed,
+    indexed ones some seconds after the load; until then it answers slower, never less exactly). milvus-lite
+    builds its index at once: nothing to wait for. Gives up quietly after wait_s."""
+    if not uri.startswith(REMOTE):
+        return
     end = time.monotonic() + wait_s
     while time.monotonic() < end:
         try:
             info = client.describe_index(name, "y") or {}
-        except Exception:
-            return
-        if "indexed_rows" not in info or (int(info.get("indexed_rows", 0)) >= n
-                                          and int(info.get("pending_index_rows", 0)) == 0):
+            if int(info.get("indexed_rows", 0)) >= n and int(info.get("pending_index_rows", 0)) == 0:
+                segments = client.list_loaded_segments(name)
+                if sum(int(s.num_rows) for s in segments if "sealed" in str(s.state).lower()) >= n:
+                    return
+        except Exception:  # a server without these calls: nothing to wait for
             return
         time.sleep(0.5)
 
 
-# ---- an index folder's engine record ----
 def write_record(folder: str | os.PathLike, engine: MilvusEngine, fp: str, given_uri: str) -> Path:
     path = Path(folder) / ENGINE_FILE
     atomic_write_json(path, {"engine": "milvus", "uri": given_uri, "collection": engine.collection,
