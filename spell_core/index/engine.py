@@ -221,10 +221,10 @@ class MilvusEngine:
                 else:
                     answers[i] = h
             if full and limit >= self.max_limit:
-                raise CandidateLimitError(f"{len(full)} queries have {limit} or more feature candidates in collection "
-                                  f"{self.collection}, the most one Milvus search returns: the answer would be cut; "
-                                  f"use a smaller radius r, or search this set with the local index (remove "
-                                  f"{ENGINE_FILE} from its folder)")
+                raise CandidateLimitError(f"{len(full)} queries have {limit} or more feature candidates in "
+                                          f"collection {self.collection}, the most one Milvus search returns: the "
+                                          f"answer would be cut; use a smaller radius r, or search this set with the "
+                                          f"local index (remove {ENGINE_FILE} from its folder)")
             todo, limit = full, min(GROWTH * limit, self.max_limit)
         ii = [torch.full((len(answers[i]),), i, dtype=torch.long) for i in sorted(answers) if answers[i]]
         kk = [torch.tensor([int(x["id"]) for x in answers[i]], dtype=torch.long) for i in sorted(answers) if answers[i]]
@@ -267,6 +267,7 @@ def _wait_for_index(client, name: str, n: int, uri: str, wait_s: float = INDEX_W
         time.sleep(0.5)
 
 
+# ---- an index folder's engine record ----
 def write_record(folder: str | os.PathLike, engine: MilvusEngine, fp: str, given_uri: str) -> Path:
     path = Path(folder) / ENGINE_FILE
     atomic_write_json(path, {"engine": "milvus", "uri": given_uri, "collection": engine.collection,

@@ -184,7 +184,7 @@ def test_a_server_uri_through_the_command_line(tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("SPELL_MILVUS_URI"),
                     reason="needs a Milvus server: set SPELL_MILVUS_URI (e.g. http://127.0.0.1:19530 from "
-                           "`pip install milvus` and `milvus-server`); CI has milvus-lite only")
+                           "`pip install milvus==2.3.5` and `milvus-server`); CI has milvus-lite only")
 def test_a_milvus_server_answers_exactly_right_after_the_upload(tmp_path):
     """A real Milvus server (standalone or cluster): searched at Bounded consistency straight after the upload,
     every radius matches brute force (the Strong count(*) at upload is what makes that safe)."""
