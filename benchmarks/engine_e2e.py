@@ -5,7 +5,8 @@
 References: the same index folder as ``benchmarks.shield_e2e`` (1.2 M augmentations of the demo's training digits,
 encoded by the demo VAE to [4, 8, 8]; built there, or here if missing, under the same git-ignored base folder).
 Its lower-bound features (33 floats a reference) are uploaded once to a milvus-lite database inside the index
-folder, or with --uri to a Milvus server (``pip install milvus`` brings a standalone one, ``milvus-server``) (``python -m spell_core.index engine``; the upload time is reported), and the folder is opened twice
+folder, or with --uri to a Milvus server (``pip install milvus==2.3.5`` brings a standalone one,
+``milvus-server``) (``python -m spell_core.index engine``; the upload time is reported), and the folder is opened twice
 through SPELL Protected Set Loader: as is (the local "cascade" index) and with its engine.json (candidates from
 Milvus, exact recheck local). Sampling: ComfyUI's KSampler path (euler, normal, 20 steps, CFG 4, "any digit",
 batch 8), configurations interleaved per repeat with the same seeds:
@@ -89,7 +90,8 @@ def measure(args, argv, comfy, core, engine_mod, nodes, name, out_dir, bars, pro
 
     local_index = core.index.ReferenceIndex.load(out_dir, engine=False)
     if args.uri:  # a fresh upload on the server too: this set's own collection (named by its fingerprint) goes first
-        name_fp = "spell_" + engine_mod.fingerprint(local_index.reference_features(), tuple(local_index.item_shape))[:40]
+        y = local_index.reference_features()
+        name_fp = engine_mod.collection_name(engine_mod.fingerprint(y, tuple(local_index.item_shape)))
         client = engine_mod._client(args.uri)
         if client.has_collection(name_fp):
             client.drop_collection(name_fp)

@@ -111,6 +111,11 @@ def fingerprint(y: torch.Tensor, item_shape: tuple) -> str:
     return h.hexdigest()
 
 
+def collection_name(fp: str) -> str:
+    """The collection that ``upload`` writes for features with fingerprint fp."""
+    return f"spell_{fp[:40]}"
+
+
 class MilvusEngine:
     """Feature range search in one Milvus collection: ``candidates(q, t2)`` -> (i, k) with ||y_k − q_i||² < t2_i
     for every such pair (and possibly a few more)."""
@@ -129,7 +134,7 @@ class MilvusEngine:
         """Stores features y [N, m + 1] (reference order) in a new collection, or reuses a complete one with the
         same fingerprint; an incomplete one (an interrupted upload) is dropped and written again."""
         fp = fingerprint(y, item_shape)
-        name = collection or f"spell_{fp[:40]}"
+        name = collection or collection_name(fp)
         client = _client(uri)
         n, dim = y.shape
         try:

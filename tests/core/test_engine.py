@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from spell_core.index import ReferenceIndex, main
-from spell_core.index.engine import ENGINE_FILE, EngineError, MilvusEngine, fingerprint, upload_folder
+from spell_core.index.engine import (ENGINE_FILE, EngineError, MilvusEngine, collection_name, fingerprint,
+                                     upload_folder)
 from support import brute
 
 pytest.importorskip("pymilvus", reason="the engine's tests need pymilvus and milvus-lite (requirements-dev.txt)")
@@ -136,7 +137,7 @@ def test_an_interrupted_upload_is_written_again(tmp_path):
     index = ReferenceIndex.load(tmp_path, engine=False)
     y = index.reference_features()
     uri = str(tmp_path / "engine.db")
-    MilvusEngine.upload(y[:100], index.item_shape, uri, collection="spell_" + fingerprint(y, index.item_shape)[:40])
+    MilvusEngine.upload(y[:100], index.item_shape, uri, collection=collection_name(fingerprint(y, index.item_shape)))
     eng = upload_folder(index, tmp_path)
     assert eng.rows == 500
     x = z[:3] + 0.02
