@@ -1,6 +1,8 @@
 """Trains the demo's fair LoRA: "any digit" (which the demo model draws with 24 % ones and 22 % sevens) toward a
 uniform share of the ten digits, through the pack's own nodes in a headless ComfyUI (SPELL Latent Classifier
-Trainer on the demo's training digits, then SPELL Fair LoRA Trainer with the ten single-digit prompts kept).
+Trainer on the demo's training digits, then SPELL Fair LoRA Trainer with the ten single-digit prompts kept and, as
+its class_prompts, the references of images moved to another digit; each batch assigned with the 180 images before
+it).
 
     .venv/bin/python -m demo.train_fair_lora [--iterations 500] [--robustness 0.1] [--target "1: 0.3, ..."] [--out NAME]
 
@@ -44,6 +46,11 @@ def main(argv=None) -> int:
     ap.add_argument("--robustness", type=float, default=0.1,
                     help="adversarial training radius of the latent classifier (the classifier trainer's robustness)")
     ap.add_argument("--no-keep", action="store_true", help="train without the single-digit prompts kept")
+    ap.add_argument("--class-reference", action=argparse.BooleanOptionalAction, default=True,
+                    help="connect the ten single-digit prompts as class_prompts (reference of a moved image: the "
+                         "frozen model's image of its new digit's prompt); --no-class-reference: the paper's rule")
+    ap.add_argument("--pool", type=int, default=180,
+                    help="recent images assigned with each batch (the node's pool; 0: each batch alone)")
     args = ap.parse_args(argv)
     import torch
 
@@ -76,11 +83,13 @@ def main(argv=None) -> int:
     print(clf_report, file=sys.stderr, flush=True)
     encode = nodes["SpellDemoClassPrompt"]().encode
     pos, neg = encode(prompts, "any digit")[0], encode(prompts, "(empty)")[0]
-    keep = None if args.no_keep else [entry for d in range(10) for entry in encode(prompts, str(d))[0]]
+    digits = [entry for d in range(10) for entry in encode(prompts, str(d))[0]]
+    keep = None if args.no_keep else digits
     result = nodes["SpellFairLoRATrainer"]().train(
         model, pos, neg, clf, args.target, args.out, args.iterations, args.batch, 6, 4.0, 8, args.learning_rate,
         args.seed, False, 50, keep=keep, gradient=args.gradient, draw=args.draw,
-        preservation=args.preservation, ema_warmup=args.ema_warmup)["result"]
+        preservation=args.preservation, ema_warmup=args.ema_warmup,
+        class_prompts=digits if args.class_reference else None, pool=args.pool)["result"]
     seconds = time.perf_counter() - t0
     print(result[1], file=sys.stderr)
     loras = Path(folder_paths.get_folder_paths("loras")[0])

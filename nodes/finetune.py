@@ -281,6 +281,16 @@ class SpellFairLoRATrainer:
                 "preservation": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 1000.0, "step": 0.5, "tooltip":
                     "Weight of the semantics preservation loss (1 - cosine to the frozen model's image of the same "
                     "noise; the paper's 8). Higher keeps images closer to the base model's."}),
+                "class_prompts": ("CONDITIONING", {"tooltip": "Optional: one prompt per class of the classifier, in its "
+                    "class order (Conditioning Combine), e.g. 'a photo of a female doctor', 'a photo of a male "
+                    "doctor'. An image the training moves to another class is then kept close to the frozen model's "
+                    "image of that class's prompt from the same noise, instead of being pushed through the "
+                    "classifier alone (which a LoRA can fool with patterns that do not change the attribute)."}),
+                "pool": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip":
+                    "Match the target over the batch and the class probabilities of this many recent images of the "
+                    "prompt (only the batch is trained), e.g. 180 with batch 20 for a 10-class target: a batch that "
+                    "happens to hold too many of one class is not pushed to change them. 0: each batch alone (the "
+                    "paper's)."}),
                 "ema_warmup": ("BOOLEAN", {"default": False, "tooltip":
                     "Warm the EMA up (decay (1+k)/(10+k), up to 0.996) instead of a constant 0.996 from the untrained "
                     "LoRA. Off by default: on the demo the constant decay gave the better LoRA (docs/fairness_finetune.md)."}),
@@ -289,7 +299,7 @@ class SpellFairLoRATrainer:
 
     def train(self, model, positive, negative, classifier, target, name, iterations, batch_size, steps, cfg, rank,
               learning_rate, seed, resume, checkpoint_every, keep=None, draw="stratified", gradient="adjusted",
-              preservation=8.0, ema_warmup=False):
+              preservation=8.0, ema_warmup=False, class_prompts=None, pool=0):
         check_numbers(self.NODE_ID, cfg=cfg, learning_rate=learning_rate, preservation=preservation)
         check_unet(self.NODE_ID, model)
         if getattr(model.model, "adm_channels", 0):
@@ -304,9 +314,15 @@ class SpellFairLoRATrainer:
         prompts = prompts_of(self.NODE_ID, positive, "positive")
         negatives = prompts_of(self.NODE_ID, negative, "negative")
         kept = prompts_of(self.NODE_ID, keep, "keep") if keep is not None else []
+        per_class = prompts_of(self.NODE_ID, class_prompts, "class_prompts") if class_prompts is not None else []
+        if per_class and len(per_class) != len(classifier.classes):
+            raise SpellInputError(self.NODE_ID, f"class_prompts holds {len(per_class)} prompts, the classifier "
+                                                f"{len(classifier.classes)} classes ({', '.join(classifier.classes)}); "
+                                                f"combine one prompt per class, in that order, or disconnect it.")
         config = FairLoRAConfig(iterations=iterations, batch=batch_size, steps=(steps, steps + 4), rank=rank,
                                 lr=learning_rate, draw=draw, gradient=gradient, seed=seed,
-                                keep_weight=preservation, ema_warmup=ema_warmup)
+                                keep_weight=preservation, ema_warmup=ema_warmup, class_reference=bool(per_class),
+                                pool=pool)
         try:
             config.check()
         except ValueError as e:
@@ -323,7 +339,7 @@ class SpellFairLoRATrainer:
             schedule_sigmas=sampling.sigmas.float().cpu(), shape=(model.model.latent_format.latent_channels,
                                                                    *self.latent_size(model, classifier)),
             classify=lambda z: classifier(z.to(next(classifier.parameters()).device)).cpu(),
-            target=q, prompts=prompts, keep=kept)
+            target=q, prompts=prompts, keep=kept, class_prompts=per_class)
         trainer = FairTrainer(task, lora, config)
         resumed = 0
         if resume and ckpt_path.is_file():

@@ -420,7 +420,15 @@ class FairLoRAConfig:
     gradient: str = "adjusted"     # or "naive"
     keep_weight: float = 8.0       # semantics preservation, as the paper's weight 8 (on 1 - cos of latents)
     mismatch_weight: float = 0.3   # preservation weight of images assigned another class than the frozen model's
+    class_reference: bool = False  # True: an image confidently assigned another class than the frozen model's is kept
+                                   # close to the frozen model's image of that class's prompt (``FairLoRATask.
+                                   # class_prompts``), same noise, at full weight, instead of down-weighted toward the
+                                   # frozen image of the wrong class
     keep_prompts_per_step: int = 1  # prompts to keep unchanged, one batch each per iteration (0: none)
+    pool: int = 0                  # class probabilities of this many recent images of the prompt are assigned together
+                                   # with the batch (only the batch is trained): the target is matched over pool +
+                                   # batch images, so a batch that happens to hold four ones is not pushed to give
+                                   # two of them up; 0: the batch alone (the paper's)
     seed: int = 0
     max_grad_norm: float = 1.0
 
@@ -433,6 +441,8 @@ class FairLoRAConfig:
             raise ValueError(f"steps must be a range lo ≤ hi with lo ≥ 1, got {self.steps}")
         if self.batch < 2:
             raise ValueError(f"batch must be ≥ 2 (the target is a distribution over a batch), got {self.batch}")
+        if self.pool < 0:
+            raise ValueError(f"pool must be ≥ 0, got {self.pool}")
         for name in ("lr", "weight_decay", "ema", "threshold", "keep_weight", "mismatch_weight", "max_grad_norm"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
@@ -450,7 +460,9 @@ class FairLoRATask:
 
     denoiser(prompt, lora_on) -> Denoiser for one prompt (CFG included), the LoRA's hooks on or off;
     sigmas(steps) -> σ schedule [steps+1]; schedule_sigmas: the model's discrete σ [T] ascending (for g_t);
-    shape: one latent's shape; classify(latents) -> logits [B, K]; target [K]; prompts to debias and to keep."""
+    shape: one latent's shape; classify(latents) -> logits [B, K]; target [K]; prompts to debias and to keep;
+    class_prompts: one prompt per class, in the classifier's order (only with ``FairLoRAConfig.class_reference``):
+    denoiser(stacked prompts [n, ...], False) must then denoise image j under prompt j."""
     denoiser: Callable[[object, bool], Denoiser]
     sigmas: Callable[[int], torch.Tensor]
     schedule_sigmas: torch.Tensor
@@ -459,6 +471,20 @@ class FairLoRATask:
     target: torch.Tensor
     prompts: list
     keep: list = field(default_factory=list)
+    class_prompts: list = field(default_factory=list)
+
+
+def class_references(task: FairLoRATask, noise: torch.Tensor, labels: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The frozen model's images of noise [n, ...] under the prompt of class labels[j] each (no graph): one chain
+    with the prompts stacked where they share a shape, else one chain per class."""
+    prompts = [task.class_prompts[int(k)] for k in labels]
+    if len({tuple(p.shape) for p in prompts}) == 1:
+        return sample_chain(task.denoiser(torch.cat(prompts), False), noise, sigmas, None)
+    out = torch.empty_like(noise)
+    for k in labels.unique().tolist():
+        at = (labels == k).nonzero().flatten()
+        out[at] = sample_chain(task.denoiser(task.class_prompts[k], False), noise[at], sigmas, None)
+    return out
 
 
 class FairTrainer:
@@ -466,6 +492,9 @@ class FairTrainer:
 
     def __init__(self, task: FairLoRATask, lora: LoRA, config: FairLoRAConfig):
         config.check()
+        if config.class_reference and len(task.class_prompts) != len(task.target):
+            raise ValueError(f"class_reference needs one prompt per class ({len(task.target)}), got "
+                             f"{len(task.class_prompts)}")
         self.task, self.lora, self.config = task, lora, config
         self.params = list(lora.parameters())
         self.ema = [p.detach().clone() for p in self.params]
@@ -473,6 +502,7 @@ class FairTrainer:
         self.iteration = 0
         self.log: list[dict] = []
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.pools: dict[int, torch.Tensor] = {}  # prompt index -> class probabilities [≤ pool, K] of recent images
 
     def _noise(self, n: int) -> torch.Tensor:
         return torch.randn((n, *self.task.shape), generator=self.generator)
@@ -485,18 +515,31 @@ class FairTrainer:
         steps = int(torch.randint(lo, hi + 1, (1,), generator=self.generator))
         sigmas = t.sigmas(steps).float()
         scales = dft_scales(t.schedule_sigmas, sigmas[:-1][sigmas[:-1] > 0]) if c.gradient == "adjusted" else None
-        prompt = t.prompts[int(torch.randint(len(t.prompts), (1,), generator=self.generator))]
+        which = int(torch.randint(len(t.prompts), (1,), generator=self.generator))
+        prompt = t.prompts[which]
         noise = self._noise(c.batch)
         with torch.no_grad():
             reference = sample_chain(t.denoiser(prompt, False), noise, sigmas, None)
             ref_class = t.classify(reference).argmax(1)
         x = sample_chain(t.denoiser(prompt, True), noise, sigmas, c.gradient, scales)
         logits = t.classify(x)
-        q = alignment_targets(logits.detach().softmax(1), t.target, c.draw, generator=self.generator,
-                              iteration=self.iteration)
+        probs = logits.detach().softmax(1).float()
+        if c.pool:
+            probs = torch.cat([self.pools.get(which, probs[:0]), probs])
+            self.pools[which] = probs[-c.pool:].clone()
+        q = alignment_targets(probs, t.target, c.draw, generator=self.generator,
+                              iteration=self.iteration)[-len(logits):]
         y, keep = confident_labels(q, c.threshold)
         align = alignment_loss(logits, y, keep)
         w = torch.where(y == ref_class, 1.0, c.mismatch_weight)
+        moved = (y != ref_class) & keep
+        if c.class_reference and bool(moved.any()):
+            # the reference of an image moved to class y: the frozen model's image of y's prompt, same noise
+            at = moved.nonzero().flatten()
+            with torch.no_grad():
+                reference = reference.clone()
+                reference[at] = class_references(t, noise[at], y[at], sigmas)
+            w = torch.where(moved, 1.0, w)
         preserve = (w * cosine_distance(x, reference)).mean()
         total = align + c.keep_weight * preserve
         kept = torch.zeros(())
@@ -511,6 +554,7 @@ class FairTrainer:
             total = total + c.keep_weight * kept
         share = torch.bincount(logits.argmax(1), minlength=len(t.target)).float() / len(logits)
         return {"total": total, "align": align, "preserve": preserve, "keep": kept, "confident": keep.float().mean(),
+                "moved": moved.float().mean(),
                 "steps": steps, "batch_tv": 0.5 * float((share - t.target.float()).abs().sum())}
 
     def step(self) -> dict:
@@ -575,6 +619,7 @@ class FairTrainer:
             for k, v in s.items():
                 tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).float().reshape(-1).clone() if k == "step" else v.float().contiguous().clone()
         tensors["rng"] = self.generator.get_state().clone()
+        tensors.update({f"pool.{k}": v.contiguous() for k, v in self.pools.items()})
         meta = {"format": CHECKPOINT_FORMAT, "iteration": str(self.iteration), "config": json.dumps(asdict(self.config)),
                 "paths": json.dumps(self.lora.paths), "log": json.dumps(self.log), "extra": json.dumps(extra or {})}
         atomic_save(tensors, path, meta)
@@ -588,6 +633,8 @@ class FairTrainer:
             raise StorageError(f"{path} was trained on other layers; start afresh (switch resume off)")
         saved = json.loads(meta["config"])
         saved.setdefault("ema_warmup", False)  # checkpoints from before the option used a constant decay
+        saved.setdefault("class_reference", False)  # and the frozen image of the same prompt as every reference
+        saved.setdefault("pool", 0)  # and assigned each batch alone
         mine = asdict(self.config)
         differ = sorted(k for k in mine if k != "iterations" and json.dumps(saved.get(k)) != json.dumps(mine[k]))
         if differ:
@@ -604,6 +651,7 @@ class FairTrainer:
                                      "exp_avg": tensors[f"opt.{i}.exp_avg"], "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"]}
         self.opt.load_state_dict(state)
         self.generator.set_state(tensors["rng"].to(torch.uint8))
+        self.pools = {int(k[len("pool."):]): v for k, v in tensors.items() if k.startswith("pool.")}
         self.iteration = int(meta["iteration"])
         self.log = json.loads(meta["log"])
         return json.loads(meta.get("extra", "{}"))

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from spell_core.fairness import assign
 from spell_core.finetune import (FairLoRAConfig, FairLoRATask, FairTrainer, LatentClassifier, LoRA, alignment_loss,
-                                 adversarial_inputs, alignment_targets, attention_linears, confident_labels,
-                                 dft_scales, sample_chain, scale_grad, train_classifier)
+                                 adversarial_inputs, alignment_targets, attention_linears, class_references,
+                                 confident_labels, cosine_distance, dft_scales, sample_chain, scale_grad,
+                                 train_classifier)
 
 
 def monte_carlo(p, target, draws, seed=0):
@@ -249,17 +250,22 @@ def toy_task(unet, lora, classifier):
                         target=torch.tensor([0.5, 0.5]), prompts=prompts[:1], keep=prompts[1:])
 
 
-@pytest.mark.parametrize("gradient,draw", [("adjusted", "stratified"), ("naive", "stratified"), ("naive", "carried")])
-def test_checkpoints_resume_exactly(tmp_path, gradient, draw):
+@pytest.mark.parametrize("gradient,draw,extra", [("adjusted", "stratified", {}), ("naive", "stratified", {}),
+                                                ("naive", "carried", {}), ("adjusted", "stratified", {"pool": 6}),
+                                                ("adjusted", "stratified", {"class_reference": True})])
+def test_checkpoints_resume_exactly(tmp_path, gradient, draw, extra):
     torch.manual_seed(0)
     classifier = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).requires_grad_(False)
     config = FairLoRAConfig(iterations=4, batch=4, steps=(2, 3), rank=2, gradient=gradient, keep_prompts_per_step=1,
-                            draw=draw)
+                            draw=draw, **extra)
+    by_class = bool(extra.get("class_reference"))
 
     def fresh():
         unet = ToyUNet()
         lora = LoRA(attention_linears(unet, ("to_q", "to_v")), rank=2).attach()
         task = toy_task(unet, lora, classifier)
+        if by_class:
+            task.class_prompts = [torch.full((1, 16), -0.2), torch.full((1, 16), 0.2)]
         if draw == "carried":
             task.target = torch.tensor([0.3, 0.7])  # 1.2 seats of 4: which batch gets the second one is carried
         return FairTrainer(task, lora, config)
@@ -280,6 +286,10 @@ def test_checkpoints_resume_exactly(tmp_path, gradient, draw):
     assert all(torch.equal(a, b) for a, b in zip(straight.ema, second.ema))
     assert [r["total"] for r in straight.log] == [r["total"] for r in second.log]
     assert any(abs(r["grad_norm"]) > 0 for r in straight.log)
+    if by_class:
+        assert any(r["moved"] > 0 for r in straight.log)  # the class references took part
+    if extra.get("pool"):  # the pool travelled with the checkpoint: 4 + 2 images of the prompt when it was saved
+        assert len(second.pools[0]) == 6 and torch.equal(straight.pools[0], second.pools[0])
     other = FairTrainer(toy_task(ToyUNet(), LoRA(attention_linears(ToyUNet(), ("to_q", "to_v")), rank=2), classifier),
                         LoRA(attention_linears(ToyUNet(), ("to_q", "to_v")), rank=2),
                         FairLoRAConfig(iterations=4, batch=4, steps=(2, 3), rank=2, lr=0.5))
@@ -314,3 +324,98 @@ def test_config_refuses_bad_settings():
     for bad in (dict(draw="x"), dict(gradient="x"), dict(steps=(3, 2)), dict(batch=1), dict(lr=math.nan)):
         with pytest.raises(ValueError):
             FairLoRAConfig(**bad).check()
+
+
+def test_class_references_are_each_images_frozen_chain_under_its_class_prompt():
+    unet = ToyUNet()
+    lora = LoRA(attention_linears(unet, ("to_q", "to_v")), rank=2).attach()
+    with torch.no_grad():
+        for u in lora.up:
+            u.normal_()  # a trained LoRA: the references must still come from the frozen model
+    task = toy_task(unet, lora, nn.Flatten())
+    noise = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([1, 0, 2, 1, 2])
+    sigmas = task.sigmas(4)
+    one_by_one = lambda prompts: torch.cat([sample_chain(task.denoiser(prompts[int(k)], False), noise[j:j + 1],
+                                                         sigmas, None) for j, k in enumerate(labels)])
+    task.class_prompts = [torch.full((1, 16), v) for v in (-0.3, 0.0, 0.3)]  # one shape: one stacked chain
+    stacked = class_references(task, noise, labels, sigmas)
+    assert torch.allclose(stacked, one_by_one(task.class_prompts), atol=1e-6)
+    assert not torch.allclose(stacked[0], stacked[1])
+    task.class_prompts = [torch.full((16,), -0.3), torch.full((1, 16), 0.0), torch.full((16,), 0.3)]  # per class
+    assert torch.allclose(class_references(task, noise, labels, sigmas), one_by_one(task.class_prompts), atol=1e-6)
+
+
+@pytest.mark.parametrize("by_class", [False, True])
+def test_a_moved_image_is_kept_near_its_new_class_prompts_frozen_image(by_class):
+    """Every image of the batch is assigned class 1 (target [0, 1]) while the classifier reads class 0 everywhere:
+    all are moved. The paper's rule keeps each at weight 0.3 near the frozen image of the same prompt; with
+    class_reference each is kept at weight 1 near the frozen image of class 1's prompt."""
+    torch.manual_seed(0)
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).requires_grad_(False)
+    with torch.no_grad():
+        classifier[1].weight.mul_(1e-3)
+        classifier[1].bias.copy_(torch.tensor([5.0, 0.0]))
+    unet = ToyUNet()
+    lora = LoRA(attention_linears(unet, ("to_q", "to_v")), rank=2).attach()
+    with torch.no_grad():
+        for u in lora.up:
+            u.normal_(std=0.3)
+    task = toy_task(unet, lora, classifier)
+    task.target, task.keep = torch.tensor([0.0, 1.0]), []
+    task.class_prompts = [torch.full((1, 16), -0.5), torch.full((1, 16), 0.5)] if by_class else []
+    trainer = FairTrainer(task, lora, FairLoRAConfig(batch=4, steps=(3, 3), rank=2, class_reference=by_class))
+    seen = {}
+    draw, classify = trainer._noise, task.classify
+    trainer._noise = lambda n: seen.setdefault("noise", draw(n))
+    task.classify = lambda z: (seen.__setitem__("x", z) if z.requires_grad else None) or classify(z)
+    with torch.enable_grad():
+        parts = trainer.losses()
+    assert float(parts["moved"]) == 1.0
+    sigmas = task.sigmas(3)
+    with torch.no_grad():
+        if by_class:
+            expected = cosine_distance(seen["x"], class_references(task, seen["noise"], torch.ones(4, dtype=torch.long),
+                                                                   sigmas)).mean()
+        else:
+            frozen = sample_chain(task.denoiser(task.prompts[0], False), seen["noise"], sigmas, None)
+            expected = 0.3 * cosine_distance(seen["x"], frozen).mean()
+    assert torch.allclose(parts["preserve"].detach(), expected, rtol=1e-5)
+
+
+def test_the_pool_is_assigned_with_the_batch_and_keeps_the_latest_images():
+    """The target (half and half) is matched over the pool and the batch: with four images of class 0 in the pool,
+    all four of the batch are assigned class 1; without the pool, two of them."""
+    torch.manual_seed(0)
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).requires_grad_(False)
+    with torch.no_grad():
+        classifier[1].weight.mul_(1e-3)
+        classifier[1].bias.copy_(torch.tensor([1.0, 0.0]))  # every image reads as class 0, without certainty
+
+    def trainer(pool):
+        unet = ToyUNet()
+        lora = LoRA(attention_linears(unet, ("to_q", "to_v")), rank=2).attach()
+        task = toy_task(unet, lora, classifier)
+        task.keep = []
+        return FairTrainer(task, lora, FairLoRAConfig(batch=4, steps=(2, 2), rank=2, pool=pool))
+
+    alone, pooled = trainer(0), trainer(6)
+    pooled.pools[0] = torch.tensor([[1.0, 0.0]] * 4)
+    with torch.enable_grad():
+        assert float(alone.losses()["moved"]) == 0.5
+        assert float(pooled.losses()["moved"]) == 1.0
+    assert alone.pools == {}
+    latest = pooled.pools[0]
+    assert latest.shape == (6, 2) and torch.equal(latest[:2], torch.tensor([[1.0, 0.0]] * 2))
+    assert torch.allclose(latest[2:], torch.tensor([1.0, 0.0]).exp().div(1 + math.e).expand(4, 2), atol=1e-2)
+    with pytest.raises(ValueError, match="pool"):
+        FairLoRAConfig(pool=-1).check()
+
+
+def test_class_reference_needs_one_prompt_per_class():
+    unet = ToyUNet()
+    lora = LoRA(attention_linears(unet, ("to_q", "to_v")), rank=2)
+    task = toy_task(unet, lora, nn.Flatten())
+    task.class_prompts = [torch.zeros(16)]
+    with pytest.raises(ValueError, match="one prompt per class \\(2\\), got 1"):
+        FairTrainer(task, lora, FairLoRAConfig(batch=4, rank=2, class_reference=True))

@@ -129,6 +129,27 @@ def test_cancel_keeps_a_checkpoint_and_resume_continues_bit_for_bit(comfy, demo)
         train(comfy, demo, "test_resumed", iterations=6, resume=True, learning_rate=2e-3)
 
 
+def test_class_prompts_give_moved_images_their_new_class_prompts_reference(comfy, demo):
+    nodes = comfy.NODE_CLASS_MAPPINGS
+    _, _, prompts = nodes["SpellDemoModelLoader"]().load()
+    encode = nodes["SpellDemoClassPrompt"]().encode
+    digits = [entry for d in range(10) for entry in encode(prompts, str(d))[0]]  # Conditioning Combine's list
+    with pytest.raises(ValueError, match="SpellFairLoRATrainer: class_prompts holds 3 prompts, the classifier 10 "
+                                         "classes .*one prompt per class, in that order"):
+        train(comfy, demo, "test_by_class", class_prompts=digits[:3])
+    loras = Path(folder_paths.get_folder_paths("loras")[0])
+    logs = {}
+    for name, extra in (("test_by_class", dict(class_prompts=digits)), ("test_same_prompt", {})):
+        train(comfy, demo, name, iterations=2, target="3: 1", **extra)  # every image is assigned a three
+        logs[name] = json.loads((loras / f"{name}.training.json").read_text())
+    by_class, same = logs["test_by_class"], logs["test_same_prompt"]
+    assert by_class["summary"]["settings"]["class_reference"] and not same["summary"]["settings"]["class_reference"]
+    assert any(r["moved"] > 0 for r in by_class["iterations"][1:])
+    # the same noise and the same first step: the alignment term agrees, the preservation term does not
+    assert by_class["iterations"][1]["align"] == same["iterations"][1]["align"]
+    assert by_class["iterations"][1]["preserve"] != same["iterations"][1]["preserve"]
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(target="1: 0.5, 2: 0.6"), "sum"),
     (dict(target="cat: 1"), "cat"),
