@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--per-digit", type=int, default=64, help="images per single-digit prompt")
     ap.add_argument("--robustness", type=float, default=0.1, help="the robustness the LoRA's training classifier "
                     "was trained with (demo.train_fair_lora --robustness), to retrain the same one for the agreement")
+    ap.add_argument("--generated", type=int, default=0, help="the --generated of demo.train_fair_lora (its "
+                    "classifier's generated examples per digit prompt), likewise")
     ap.add_argument("--skip-guidance", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -99,9 +101,9 @@ def main():
     p = fairness.parse_target(args.target, [str(d) for d in range(10)])
     # the training classifier, retrained exactly as demo.train_fair_lora trains it (same data, seed, settings), to
     # measure how often it agrees with the judge: a LoRA that fools it more than it changes digits lowers this
-    digits, digit_labels = nodes["SpellDemoDigitExamples"]().load(140)
-    steer = nodes["SpellLatentClassifierTrainer"]().train(model, vae, "(none)", "eval_steer", 64, 64, 40, 0.2, 0, True,
-                                                         digits, digit_labels, robustness=args.robustness)["result"][0]
+    from demo.train_fair_lora import training_classifier
+
+    steer = training_classifier(comfy, model, vae, prompts, args.robustness, args.generated, name="eval_steer")[0]
 
     def sample(m, batch, seed, cond=pos):
         return comfy.common_ksampler(m, seed, 20, 4.0, "euler", "normal", cond, neg,
@@ -127,6 +129,7 @@ def main():
                 "recall": q["recall"], "frechet": metrics.frechet_distance(real, feats)}
 
     results = {"lora": args.lora, "target": args.target, "images": args.images, "robustness": args.robustness,
+               "generated": args.generated,
                "methods": {}}
 
     def record(name, lat, seconds, batch):

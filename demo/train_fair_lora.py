@@ -29,6 +29,41 @@ sys.path.insert(0, str(ROOT))
 UNIFORM = ", ".join(f"{d}: 0.1" for d in range(10))
 
 
+def generated_examples(comfy, model, vae, prompts, per_class: int, seed: int = 7_000_000):
+    """The demo model's own images of each single-digit prompt, labelled by their prompt, as a user makes them with
+    stock nodes (KSampler: euler, 20 steps, CFG 4; then VAE Decode): IMAGE [10 * per_class, 64, 64, 3] and labels.
+    Seeds from ``seed`` on, apart from the evaluations' (benchmarks.fair_classifier_agreement uses the same)."""
+    import torch
+
+    nodes = comfy.NODE_CLASS_MAPPINGS
+    encode = nodes["SpellDemoClassPrompt"]().encode
+    neg = encode(prompts, "(empty)")[0]
+    images = []
+    for d in range(10):
+        for k, a in enumerate(range(0, per_class, 50)):
+            lat = comfy.common_ksampler(model, seed + 1000 * d + k, 20, 4.0, "euler", "normal",
+                                        encode(prompts, str(d))[0], neg,
+                                        {"samples": torch.zeros(min(50, per_class - a), 4, 8, 8)})[0]
+            images.append(nodes["VAEDecode"]().decode(vae, lat)[0])
+    return torch.cat(images), ", ".join(str(d) for d in range(10) for _ in range(per_class))
+
+
+def training_classifier(comfy, model, vae, prompts, robustness: float, generated: int = 0, seed: int = 0,
+                        name: str = "demo_digits"):
+    """The latent classifier the fair LoRA steers by, through SPELL Latent Classifier Trainer: the demo's whole
+    training split (140 per digit) and, with ``generated`` > 0, that many of the demo model's own images per
+    single-digit prompt, labelled by their prompt. benchmarks.fair_lora_eval retrains it the same way."""
+    import torch
+
+    nodes = comfy.NODE_CLASS_MAPPINGS
+    images, labels = nodes["SpellDemoDigitExamples"]().load(140)
+    if generated:
+        more, more_labels = generated_examples(comfy, model, vae, prompts, generated)
+        images, labels = torch.cat([images, more]), labels + ", " + more_labels
+    return nodes["SpellLatentClassifierTrainer"]().train(
+        model, vae, "(none)", name, 64, 64, 40, 0.2, seed, True, images, labels, robustness=robustness)["result"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iterations", type=int, default=500)
@@ -46,6 +81,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ema-warmup", action="store_true", help="warm the EMA up (the node's ema_warmup)")
     ap.add_argument("--robustness", type=float, default=0.1,
                     help="adversarial training radius of the latent classifier (the classifier trainer's robustness)")
+    ap.add_argument("--generated", type=int, default=0,
+                    help="the demo model's own images per single-digit prompt added to the classifier's examples, "
+                         "labelled by their prompt (0: the training split alone)")
     ap.add_argument("--no-keep", action="store_true", help="train without the single-digit prompts kept")
     ap.add_argument("--class-reference", action=argparse.BooleanOptionalAction, default=True,
                     help="connect the ten single-digit prompts as class_prompts (reference of a moved image: the "
@@ -77,10 +115,7 @@ def main(argv=None) -> int:
     nodes = comfy.NODE_CLASS_MAPPINGS
     t0 = time.perf_counter()
     model, vae, prompts = nodes["SpellDemoModelLoader"]().load()
-    images, labels = nodes["SpellDemoDigitExamples"]().load(140)  # the whole training split
-    clf, clf_report = nodes["SpellLatentClassifierTrainer"]().train(
-        model, vae, "(none)", "demo_digits", 64, 64, 40, 0.2, args.seed, True, images, labels,
-        robustness=args.robustness)["result"]
+    clf, clf_report = training_classifier(comfy, model, vae, prompts, args.robustness, args.generated, args.seed)
     print(clf_report, file=sys.stderr, flush=True)
     encode = nodes["SpellDemoClassPrompt"]().encode
     pos, neg = encode(prompts, "any digit")[0], encode(prompts, "(empty)")[0]
