@@ -62,7 +62,7 @@ def main(argv=None) -> int:
 
     from demo.data import latents_to_images16
     from demo.evaluator import load_evaluator
-    from demo.train_fair_lora import generated_examples
+    from demo.train_fair_lora import training_classifier
     from spell_core import fairness
 
     nodes = comfy.NODE_CLASS_MAPPINGS
@@ -95,23 +95,14 @@ def main(argv=None) -> int:
                                "confidence_below_0.8": round(float((conf < 0.8).double().mean()), 4),
                                "confidence_below_0.95": round(float((conf < 0.95).double().mean()), 4)}
 
-    digits, digit_labels = nodes["SpellDemoDigitExamples"]().load(140)  # the whole training split, as the recipe
-    trainer = nodes["SpellLatentClassifierTrainer"]()
+    def classifier(name, robustness=0.1, seed=0, generated=0):  # as demo.train_fair_lora trains it
+        return training_classifier(comfy, model, vae, prompts, robustness, generated, seed, name)[0]
 
-    def classifier(name, robustness=0.1, seed=0, more=None):
-        x, labels = digits, digit_labels
-        if more is not None:
-            x, labels = torch.cat([digits, more[0]]), digit_labels + ", " + more[1]
-        return trainer.train(model, vae, "(none)", name, 64, 64, 40, 0.2, seed, True, x, labels,
-                             robustness=robustness)["result"][0]
-
-    print(f"generating {args.generated} images per digit prompt", file=sys.stderr, flush=True)
-    generated = generated_examples(comfy, model, vae, prompts, args.generated)
     variants = {
         "shipped recipe (robustness 0.1)": lambda: [classifier("agree_shipped")],
         "robustness 0": lambda: [classifier("agree_r0", robustness=0.0)],
         "robustness 0.2": lambda: [classifier("agree_r02", robustness=0.2)],
-        f"+ {args.generated} generated per digit prompt": lambda: [classifier("agree_gen", more=generated)],
+        f"+ {args.generated} generated per digit prompt": lambda: [classifier("agree_gen", generated=args.generated)],
         "mean of 4 (seeds 0-3)": lambda: [classifier(f"agree_seed{s}", seed=s) for s in range(4)],
     }
     for name, make in variants.items():
@@ -148,19 +139,19 @@ def main(argv=None) -> int:
 def report(r: dict) -> str:
     base_bias = r["judge"]["base"]["bias"]
     lines = [f"# Training classifier against the judge ({r['lora']})", "",
-             f"Made by `{r['command'].strip()}` ({r['total_seconds']} s, 2 torch threads); raw numbers in "
+             (f"Made by `{r['command'].strip()}` ({r['total_seconds']} s, 2 torch threads); raw numbers in "
              f"`classifier_agreement.json`. {r['images']} base and {r['images']} LoRA images of \"any digit\" (euler, "
-             f"20 steps, CFG 4, seeds 300000+). Target: uniform over the ten digits.", "",
+             f"20 steps, CFG 4, seeds 300000+). Target: uniform over the ten digits."), "",
              "| images | judge's bias | judge's confidence < 0.8 | < 0.95 |", "|---|---|---|---|"]
     for k, v in r["judge"].items():
         lines.append(f"| {k} | {v['bias']} | {100 * v['confidence_below_0.8']:.1f} % | "
                      f"{100 * v['confidence_below_0.95']:.1f} % |")
-    lines += ["", "Per classifier variant: agreement with the judge (argmax), by the judge's confidence (images, "
+    lines += ["", ("Per classifier variant: agreement with the judge (argmax), by the judge's confidence (images, "
               "agreement), and the judge's bias and worst class if the classifier read exactly the target on these "
               f"images (`target @ P(judge | classifier)`; the issue's 80 % cut is a judge's bias of "
-              f"{0.2 * base_bias:.4f} against the base's {base_bias} here).", "",
-              "| variant | held-out accuracy | on | agreement | judge conf. < 0.8 | 0.8-0.95 | >= 0.95 | "
-              "judge's bias if the classifier reads the target | worst class, points |", "|---|---|---|---|---|---|---|---|---|"]
+              f"{0.2 * base_bias:.4f} against the base's {base_bias} here)."), "",
+              ("| variant | held-out accuracy | on | agreement | judge conf. < 0.8 | 0.8-0.95 | >= 0.95 | "
+              "judge's bias if the classifier reads the target | worst class, points |"), "|---|---|---|---|---|---|---|---|---|"]
     for name, row in r["variants"].items():
         for k in ("base", "LoRA"):
             v = row[k]
