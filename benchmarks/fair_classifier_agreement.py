@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -58,19 +57,15 @@ def main(argv=None) -> int:
     from tools import comfy_host
 
     comfy = comfy_host.start(tempfile.mkdtemp(prefix="spell-agreement-"))
-    import folder_paths
 
     from demo.data import latents_to_images16
     from demo.evaluator import load_evaluator
+    from benchmarks.fair_lora_eval import demo_with_lora
     from demo.train_fair_lora import training_classifier
     from spell_core import fairness
 
     nodes = comfy.NODE_CLASS_MAPPINGS
-    loras = Path(folder_paths.get_folder_paths("loras")[0])
-    loras.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ROOT / "demo" / "weights" / f"{args.lora}.safetensors", loras / f"{args.lora}.safetensors")
-    model, vae, prompts = nodes["SpellDemoModelLoader"]().load()
-    lora_model = nodes["LoraLoaderModelOnly"]().load_lora_model_only(model, f"{args.lora}.safetensors", 1.0)[0]
+    model, lora_model, vae, prompts = demo_with_lora(comfy, args.lora)
     encode = nodes["SpellDemoClassPrompt"]().encode
     neg = encode(prompts, "(empty)")[0]
     target = torch.full((10,), 0.1)

@@ -58,6 +58,20 @@ def count_checks(results: dict, count: int) -> dict:
             l["max_points_off"], f"precision_drop_lora_{l['n']}_images": b["precision"] - l["precision"]}
 
 
+def demo_with_lora(comfy, lora: str):
+    """The demo model, the same with demo/weights/<lora>.safetensors applied by ComfyUI's stock LoraLoaderModelOnly
+    (copied into models/loras first), its VAE and prompts."""
+    import folder_paths
+
+    nodes = comfy.NODE_CLASS_MAPPINGS
+    loras = Path(folder_paths.get_folder_paths("loras")[0])
+    loras.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ROOT / "demo" / "weights" / f"{lora}.safetensors", loras / f"{lora}.safetensors")
+    model, vae, prompts = nodes["SpellDemoModelLoader"]().load()
+    lora_model = nodes["LoraLoaderModelOnly"]().load_lora_model_only(model, f"{lora}.safetensors", 1.0)[0]
+    return model, lora_model, vae, prompts
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lora", default="demo_fair_digits", help="a LoRA in demo/weights (name without .safetensors)")
@@ -78,7 +92,6 @@ def main():
     from tools import comfy_host
 
     comfy = comfy_host.start(tempfile.mkdtemp(prefix="spell-fair-lora-eval-"))
-    import folder_paths
 
     pack = comfy_host.pack_module()
     fairness = pack.spell_core.fairness
@@ -87,11 +100,7 @@ def main():
     from demo.evaluator import load_evaluator
 
     nodes = comfy.NODE_CLASS_MAPPINGS
-    loras = Path(folder_paths.get_folder_paths("loras")[0])
-    loras.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ROOT / "demo" / "weights" / f"{args.lora}.safetensors", loras / f"{args.lora}.safetensors")
-    model, vae, prompts = nodes["SpellDemoModelLoader"]().load()
-    lora_model = nodes["LoraLoaderModelOnly"]().load_lora_model_only(model, f"{args.lora}.safetensors", 1.0)[0]
+    model, lora_model, vae, prompts = demo_with_lora(comfy, args.lora)
     encode = nodes["SpellDemoClassPrompt"]().encode
     pos, neg = encode(prompts, "any digit")[0], encode(prompts, "(empty)")[0]
     ev = load_evaluator()
