@@ -87,6 +87,16 @@ METHODS = [
     ("SPELL adaptive (until 60 %) 1.1 + interval", 1.0, dict(scale=1.1, end=0.6, interval=1.0)),
     ("SPELL adaptive (until 60 %) 1.2 + interval", 2.0, dict(scale=1.2, end=0.6, interval=2.0)),
     ("SPELL adaptive (until 60 %) 1.2 + interval", 1.0, dict(scale=1.2, end=0.6, interval=1.0)),
+    # the in-batch push only in the first 40 % of the schedule (σ above ~2.4 on the demo model: the steps the
+    # interval leaves unguided or has just begun to guide), low scales on top of the interval. A screen on seeds
+    # 1000-1007 (batch 8) found stronger or longer pushes there (1.15-1.3, until 30-50 %) below the interval's own curve
+    ("SPELL adaptive (until 40 %) 1.05 + interval", 2.0, dict(scale=1.05, end=0.4, interval=2.0)),
+    ("SPELL adaptive (until 40 %) 1.05 + interval", 1.0, dict(scale=1.05, end=0.4, interval=1.0)),
+    ("SPELL adaptive (until 40 %) 1.05 + interval", 0.5, dict(scale=1.05, end=0.4, interval=0.5)),
+    ("SPELL adaptive (until 40 %) 1.1 + interval", 2.0, dict(scale=1.1, end=0.4, interval=2.0)),
+    ("SPELL adaptive (until 40 %) 1.1 + interval", 1.0, dict(scale=1.1, end=0.4, interval=1.0)),
+    ("SPELL adaptive (until 40 %) 1.1 + interval", 0.5, dict(scale=1.1, end=0.4, interval=0.5)),
+    ("SPELL adaptive (until 40 %) 1.2 + interval", 2.0, dict(scale=1.2, end=0.4, interval=2.0)),
     # the in-batch push in the features of a second digit network through the decoder (issue 12 item 4): the same
     # radius rule on the features' own spacing. Scales 1.0-1.5 barely act there (4 prompts x 4 seeds, batch 8:
     # Vendi +0.001 to +0.024 against +0.057 for the latent push at 1.05): each Gauss-Newton move is small in latent
