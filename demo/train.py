@@ -4,6 +4,7 @@ linear-beta schedule taken from the model's ``model_sampling``) on the training 
 table, then checks it through ComfyUI's sampler (``demo.verify``). Seeded; about 9 minutes on 2 CPU cores.
 
     python -m demo.train      # writes demo/weights/demo_model.safetensors
+    python -m demo.train --steps 6000 --out demo/weights/exp_demo_6000.safetensors   # a longer-trained candidate
 
 Prompt rows: 0-9 the digit classes (images drawn uniformly from the training split), 10 "any digit" (images
 drawn from the deliberately biased ANY_DIGIT_MIX), 11 "(empty)", the unconditional prompt used for
@@ -55,11 +56,11 @@ def draw_batch(labels: torch.Tensor, mix_w: torch.Tensor, g: torch.Generator) ->
     return idx, rows
 
 
-def lr_at(step: int) -> float:
-    """Linear warm-up over WARMUP steps, then cosine decay to 0 at STEPS."""
+def lr_at(step: int, steps: int = STEPS) -> float:
+    """Linear warm-up over WARMUP steps, then cosine decay to 0 at ``steps``."""
     if step < WARMUP:
         return LR * (step + 1) / WARMUP
-    return LR * 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / (STEPS - WARMUP)))
+    return LR * 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / (steps - WARMUP)))
 
 
 def denoiser_loss(base, z0: torch.Tensor, context: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -74,8 +75,8 @@ def denoiser_loss(base, z0: torch.Tensor, context: torch.Tensor, g: torch.Genera
     return ((1 / sigma**2 + 1) * (x0_hat - z0).pow(2)).mean()
 
 
-def train() -> tuple[dict, torch.Tensor, dict]:
-    """Trains; returns (EMA U-Net state dict, EMA prompt table, metadata)."""
+def train(steps: int = STEPS) -> tuple[dict, torch.Tensor, dict]:
+    """Trains for ``steps`` steps; returns (EMA U-Net state dict, EMA prompt table, metadata)."""
     from .data import CLASS_NAMES, SPLIT_SEED, digits_split, images16_to_latents
     from .model import CONTEXT_DIM, TOKENS, PixelShuffleVAE, build_model
 
@@ -95,14 +96,14 @@ def train() -> tuple[dict, torch.Tensor, dict]:
     mix_w = mixture_weights(labels)
     n_params = sum(p.numel() for p in net.parameters())
     print(f"training toy U-Net ({n_params / 1e6:.2f} M parameters, model_channels={MODEL_CHANNELS}) on "
-          f"{len(labels)} digits: {STEPS} steps of {BATCH}", flush=True)
+          f"{len(labels)} digits: {steps} steps of {BATCH}", flush=True)
     t0, running = time.time(), 0.0
     with torch.enable_grad():
-        for step in range(STEPS):
+        for step in range(steps):
             idx, rows = draw_batch(labels, mix_w, g)
             loss = denoiser_loss(base, z_train[idx], tokens[rows], g)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = lr_at(step, steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
@@ -113,8 +114,8 @@ def train() -> tuple[dict, torch.Tensor, dict]:
             running += loss.item()
             if (step + 1) % 100 == 0:
                 el = time.time() - t0
-                print(f"step {step + 1:5d}/{STEPS}  loss {running / 100:.4f}  lr {lr_at(step):.2e}  "
-                      f"{el:.0f}s elapsed, ~{el / (step + 1) * (STEPS - step - 1):.0f}s left", flush=True)
+                print(f"step {step + 1:5d}/{steps}  loss {running / 100:.4f}  lr {lr_at(step, steps):.2e}  "
+                      f"{el:.0f}s elapsed, ~{el / (step + 1) * (steps - step - 1):.0f}s left", flush=True)
                 running = 0.0
     names = [n for n, _ in net.named_parameters()]
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -125,7 +126,7 @@ def train() -> tuple[dict, torch.Tensor, dict]:
         any_digit_mix={str(d): ANY_DIGIT_MIX[d] for d in range(10)},
         prompt_fractions=dict(cls=CLASS_FRACTION, any=ANY_FRACTION, empty=EMPTY_FRACTION),
         data="sklearn load_digits, bilinear 8x8->16x16, [-1,1], pixel-unshuffle to [4,8,8]",
-        split_seed=SPLIT_SEED, seed=SEED, steps=STEPS, batch=BATCH, lr=LR, ema_decay=EMA_DECAY,
+        split_seed=SPLIT_SEED, seed=SEED, steps=steps, batch=BATCH, lr=LR, ema_decay=EMA_DECAY,
         train_seconds=round(time.time() - t0),
     )
     print(f"trained in {time.time() - t0:.0f}s", flush=True)
@@ -133,7 +134,13 @@ def train() -> tuple[dict, torch.Tensor, dict]:
 
 
 def main() -> None:
-    """Trains, saves demo/weights/demo_model.safetensors, then checks sampling through ComfyUI."""
+    """Trains, saves demo/weights/demo_model.safetensors (or --out), then checks sampling through ComfyUI."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=STEPS, help=f"training steps (default {STEPS}, the shipped model)")
+    ap.add_argument("--out", help="weights file (default demo/weights/demo_model.safetensors)")
+    args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tools import comfy_host
 
@@ -142,10 +149,11 @@ def main() -> None:
     from . import verify
     from .model import DEMO_WEIGHTS, save_demo
 
-    state, tokens, meta = train()
-    save_demo(DEMO_WEIGHTS, state, tokens, meta)
-    print(f"saved {DEMO_WEIGHTS} ({DEMO_WEIGHTS.stat().st_size / 1e6:.1f} MB)", flush=True)
-    verify.report(nodes)
+    out = Path(args.out) if args.out else DEMO_WEIGHTS
+    state, tokens, meta = train(args.steps)
+    save_demo(out, state, tokens, meta)
+    print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB)", flush=True)
+    verify.report(nodes, weights=out)
 
 
 if __name__ == "__main__":

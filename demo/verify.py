@@ -38,15 +38,16 @@ def class_mix(evaluator, latents: torch.Tensor) -> torch.Tensor:
     return torch.bincount(pred, minlength=10).float() / len(pred)
 
 
-def report(nodes, cfg: float = CFG) -> dict:
-    """Prints and returns per-prompt class accuracy and the "any digit" class mix (at cfg and at cfg 1)."""
+def report(nodes, cfg: float = CFG, weights=None) -> dict:
+    """Prints and returns per-prompt class accuracy and the "any digit" class mix (at cfg and at cfg 1) of the
+    demo model (or the model file ``weights``)."""
     import comfy.utils
 
     from .evaluator import load_evaluator
     from .model import load_demo
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    model, _, prompts = load_demo()
+    model, _, prompts = load_demo() if weights is None else load_demo(weights)
     evaluator = load_evaluator()
     result = {"class_accuracy": {}, "any_digit_mix": {}, "target_mix": prompts.meta["any_digit_mix"]}
     print(f"sampling check: {SAMPLER}/{SCHEDULER}, {STEPS} steps, cfg {cfg}, {PER_CLASS} samples per digit")
