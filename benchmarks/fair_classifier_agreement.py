@@ -17,6 +17,8 @@ split plus ``--generated`` of the demo model's own images per single-digit promp
 of 4 classifiers of the shipped recipe (seeds 0-3).
 
     .venv/bin/python -m benchmarks.fair_classifier_agreement [--lora demo_fair_digits] [--images 1000]
+    .venv/bin/python -m benchmarks.fair_classifier_agreement --weights exp_demo_6000.safetensors --no-lora \
+        --out docs/fairness/classifier_agreement_exp_demo_6000     # another demo model file, its base images only
 
 Writes docs/fairness/classifier_agreement.json and .md.
 """
@@ -50,6 +52,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lora", default="demo_fair_digits")
     ap.add_argument("--images", type=int, default=1000, help="base and LoRA images each")
     ap.add_argument("--generated", type=int, default=100, help="generated images per digit prompt of that variant")
+    ap.add_argument("--weights", default=None, help="demo model file in demo/weights (default: the shipped one)")
+    ap.add_argument("--no-lora", dest="lora_images", action="store_false",
+                    help="base images only (a LoRA trained on one demo model means nothing on another)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "fairness" / "classifier_agreement"))
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -65,7 +70,7 @@ def main(argv=None) -> int:
     from spell_core import fairness
 
     nodes = comfy.NODE_CLASS_MAPPINGS
-    model, lora_model, vae, prompts = demo_with_lora(comfy, args.lora)
+    model, lora_model, vae, prompts = demo_with_lora(comfy, args.lora, args.weights)
     encode = nodes["SpellDemoClassPrompt"]().encode
     neg = encode(prompts, "(empty)")[0]
     target = torch.full((10,), 0.1)
@@ -76,12 +81,15 @@ def main(argv=None) -> int:
                                                 neg, {"samples": torch.zeros(min(50, n - a), 4, 8, 8)})[0]["samples"]
                           for k, a in enumerate(range(0, n, 50))])
 
-    print(f"sampling {args.images} base and {args.images} LoRA images", file=sys.stderr, flush=True)
-    images = {"base": sample(model, "any digit", args.images, 300_000),
-              "LoRA": sample(lora_model, "any digit", args.images, 300_000)}
+    print(f"sampling {args.images} base" + (f" and {args.images} LoRA" if args.lora_images else "") + " images",
+          file=sys.stderr, flush=True)
+    images = {"base": sample(model, "any digit", args.images, 300_000)}
+    if args.lora_images:
+        images["LoRA"] = sample(lora_model, "any digit", args.images, 300_000)
     with torch.no_grad():
         judged = {k: ev.predict(latents_to_images16(v)) for k, v in images.items()}
-    results = {"lora": args.lora, "images": args.images, "generated": args.generated, "judge": {}, "variants": {}}
+    results = {"lora": args.lora if args.lora_images else None, "weights": args.weights or "demo_model.safetensors",
+               "images": args.images, "generated": args.generated, "judge": {}, "variants": {}}
     bins = ((0.0, 0.8), (0.8, 0.95), (0.95, 1.01))
     for k, p in judged.items():
         conf = p.max(1).values
@@ -123,6 +131,7 @@ def main(argv=None) -> int:
         print(name, json.dumps({k: (v["agreement"], v["judge_if_classifier_reads_target"]["bias"])
                                 for k, v in row.items() if isinstance(v, dict)}), file=sys.stderr, flush=True)
     results["total_seconds"] = round(time.time() - t_start, 1)
+    results["out"] = args.out
     results["command"] = "python -m benchmarks.fair_classifier_agreement " + " ".join(argv or sys.argv[1:])
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
@@ -133,10 +142,13 @@ def main(argv=None) -> int:
 
 def report(r: dict) -> str:
     base_bias = r["judge"]["base"]["bias"]
-    lines = [f"# Training classifier against the judge ({r['lora']})", "",
+    lines = [f"# Training classifier against the judge ({r.get('weights', 'demo_model.safetensors')}"
+             + (f", {r['lora']})" if r["lora"] else ")"), "",
              (f"Made by `{r['command'].strip()}` ({r['total_seconds']} s, 2 torch threads); raw numbers in "
-             f"`classifier_agreement.json`. {r['images']} base and {r['images']} LoRA images of \"any digit\" (euler, "
-             f"20 steps, CFG 4, seeds 300000+). Target: uniform over the ten digits."), "",
+             f"`{Path(r['out']).name}.json`. {r['images']} base" + (f" and {r['images']} LoRA" if r["lora"] else "")
+             + f" images of \"any digit\" (euler, "
+             f"20 steps, CFG 4, seeds 300000+). Target: uniform over the ten digits."
+             + ("" if r["lora"] else " Base images only.")), "",
              "| images | judge's bias | judge's confidence < 0.8 | < 0.95 |", "|---|---|---|---|"]
     for k, v in r["judge"].items():
         lines.append(f"| {k} | {v['bias']} | {100 * v['confidence_below_0.8']:.1f} % | "
@@ -149,6 +161,8 @@ def report(r: dict) -> str:
               "judge's bias if the classifier reads the target | worst class, points |"), "|---|---|---|---|---|---|---|---|---|"]
     for name, row in r["variants"].items():
         for k in ("base", "LoRA"):
+            if k not in row:
+                continue
             v = row[k]
             by = list(v["agreement_by_judge_confidence"].values())
             i = v["judge_if_classifier_reads_target"]

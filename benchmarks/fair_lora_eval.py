@@ -58,16 +58,16 @@ def count_checks(results: dict, count: int) -> dict:
             l["max_points_off"], f"precision_drop_lora_{l['n']}_images": b["precision"] - l["precision"]}
 
 
-def demo_with_lora(comfy, lora: str):
-    """The demo model, the same with demo/weights/<lora>.safetensors applied by ComfyUI's stock LoraLoaderModelOnly
-    (copied into models/loras first), its VAE and prompts."""
+def demo_with_lora(comfy, lora: str, weights: str | None = None):
+    """The demo model (or demo/weights/<weights>), the same with demo/weights/<lora>.safetensors applied by ComfyUI's
+    stock LoraLoaderModelOnly (copied into models/loras first), its VAE and prompts."""
     import folder_paths
 
     nodes = comfy.NODE_CLASS_MAPPINGS
     loras = Path(folder_paths.get_folder_paths("loras")[0])
     loras.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ROOT / "demo" / "weights" / f"{lora}.safetensors", loras / f"{lora}.safetensors")
-    model, vae, prompts = nodes["SpellDemoModelLoader"]().load()
+    model, vae, prompts = nodes["SpellDemoModelLoader"]().load(*([weights] if weights else []))
     lora_model = nodes["LoraLoaderModelOnly"]().load_lora_model_only(model, f"{lora}.safetensors", 1.0)[0]
     return model, lora_model, vae, prompts
 
