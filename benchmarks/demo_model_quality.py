@@ -1,8 +1,8 @@
 """The demo model's sample quality, for several weight files side by side (issues 11 and 12: is a retrained demo
 model less ambiguous and less speckled than the shipped one?).
 
-    python -m benchmarks.demo_model_quality demo/weights/demo_model.safetensors demo/weights/exp_demo_6000.safetensors \
-        --out docs/demo_model_quality.md
+    python -m benchmarks.demo_model_quality demo/weights/demo_model.safetensors demo/weights/demo_model_6000.safetensors \
+        --cfg 4 1 --out docs/demo_model_quality.md
 
 Through ComfyUI's ``common_ksampler`` (euler / normal, 20 steps, negative "(empty)", CFG 4 as in the benchmarks
 unless --cfg says otherwise), the same seeds for every model and CFG. Scored with the demo evaluator (the judge; it never saw a generated

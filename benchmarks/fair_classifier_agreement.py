@@ -17,8 +17,8 @@ split plus ``--generated`` of the demo model's own images per single-digit promp
 of 4 classifiers of the shipped recipe (seeds 0-3).
 
     .venv/bin/python -m benchmarks.fair_classifier_agreement [--lora demo_fair_digits] [--images 1000]
-    .venv/bin/python -m benchmarks.fair_classifier_agreement --weights exp_demo_6000.safetensors --no-lora \
-        --out docs/fairness/classifier_agreement_exp_demo_6000     # another demo model file, its base images only
+    .venv/bin/python -m benchmarks.fair_classifier_agreement --weights demo_model_6000.safetensors --no-lora \
+        --out docs/fairness/classifier_agreement_demo_model_6000     # another demo model file, its base images only
 
 Writes docs/fairness/classifier_agreement.json and .md.
 """

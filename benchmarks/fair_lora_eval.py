@@ -84,6 +84,8 @@ def main():
                     "was trained with (demo.train_fair_lora --robustness), to retrain the same one for the agreement")
     ap.add_argument("--generated", type=int, default=0, help="the --generated of demo.train_fair_lora (its "
                     "classifier's generated examples per digit prompt), likewise")
+    ap.add_argument("--weights", default=None, help="the demo model file in demo/weights the LoRA was trained on "
+                    "(default: the shipped demo_model.safetensors)")
     ap.add_argument("--skip-guidance", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -100,7 +102,7 @@ def main():
     from demo.evaluator import load_evaluator
 
     nodes = comfy.NODE_CLASS_MAPPINGS
-    model, lora_model, vae, prompts = demo_with_lora(comfy, args.lora)
+    model, lora_model, vae, prompts = demo_with_lora(comfy, args.lora, args.weights)
     encode = nodes["SpellDemoClassPrompt"]().encode
     pos, neg = encode(prompts, "any digit")[0], encode(prompts, "(empty)")[0]
     ev = load_evaluator()

@@ -4,7 +4,7 @@ linear-beta schedule taken from the model's ``model_sampling``) on the training 
 table, then checks it through ComfyUI's sampler (``demo.verify``). Seeded; about 9 minutes on 2 CPU cores.
 
     python -m demo.train      # writes demo/weights/demo_model.safetensors
-    python -m demo.train --steps 6000 --out demo/weights/exp_demo_6000.safetensors   # a longer-trained candidate
+    python -m demo.train --steps 6000 --out demo/weights/demo_model_6000.safetensors   # the longer-trained candidate
 
 Prompt rows: 0-9 the digit classes (images drawn uniformly from the training split), 10 "any digit" (images
 drawn from the deliberately biased ANY_DIGIT_MIX), 11 "(empty)", the unconditional prompt used for

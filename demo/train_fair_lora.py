@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=500)
     ap.add_argument("--target", default=UNIFORM)
     ap.add_argument("--out", default="demo_fair_digits")
+    ap.add_argument("--weights", default=None, help="the demo model file in demo/weights to finetune (default: "
+                    "the shipped demo_model.safetensors)")
     ap.add_argument("--gradient", default="adjusted", choices=("adjusted", "naive"),
                     help="the paper's adjusted DFT (the node's default; with class references it reaches the lower "
                          "loss on the demo) or naive, the exact gradient")
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
     comfy_utils.set_progress_bar_global_hook(show)
     nodes = comfy.NODE_CLASS_MAPPINGS
     t0 = time.perf_counter()
-    model, vae, prompts = nodes["SpellDemoModelLoader"]().load()
+    model, vae, prompts = nodes["SpellDemoModelLoader"]().load(*([args.weights] if args.weights else []))
     clf, clf_report = training_classifier(comfy, model, vae, prompts, args.robustness, args.generated, args.seed)
     print(clf_report, file=sys.stderr, flush=True)
     encode = nodes["SpellDemoClassPrompt"]().encode
