@@ -39,19 +39,11 @@ def laplacian_energy(images: torch.Tensor) -> torch.Tensor:
     return lap.pow(2).mean((1, 2, 3))
 
 
-def knn_precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> tuple[float, float]:
-    """Improved precision / recall (Kynkäänniemi et al. 2019) with k-NN balls, as the diversity benchmark."""
-    real, fake = real.double(), fake.double()
-    d = torch.cdist(real, fake)
-    r_real = torch.cdist(real, real).kthvalue(k + 1, dim=1).values
-    r_fake = torch.cdist(fake, fake).kthvalue(k + 1, dim=1).values
-    return float((d < r_real[:, None]).any(0).double().mean()), float((d < r_fake[None]).any(1).double().mean())
-
-
 def measure(nodes, path: Path, cfg: float, args, real_feats, rough_cut) -> dict:
     from demo.data import latents_to_images16
     from demo.evaluator import load_evaluator
     from demo.model import load_demo
+    from spell_core.metrics import prdc
 
     model, _, prompts = load_demo(path)
     judge = load_evaluator()
@@ -74,7 +66,7 @@ def measure(nodes, path: Path, cfg: float, args, real_feats, rough_cut) -> dict:
     share = torch.bincount(prob.argmax(1), minlength=10).double() / len(imgs)
     mix = torch.tensor([prompts.meta["any_digit_mix"][str(d)] for d in range(10)], dtype=torch.float64)
     pairs = [(i, j) for i in range(10) for j in range(i + 1, 10)]
-    precision, recall = knn_precision_recall(real_feats, feats)
+    quality = prdc(real_feats, feats)  # k = 5, as the diversity benchmark
     res = {"file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
            "trained_steps": prompts.meta.get("steps"), "cfg": cfg,
            "any": {"images": len(imgs), "shares": [round(float(v), 4) for v in share],
@@ -82,7 +74,7 @@ def measure(nodes, path: Path, cfg: float, args, real_feats, rough_cut) -> dict:
                    "bias_uniform": sum(abs(float(share[i] - share[j])) for i, j in pairs) / len(pairs),
                    "unsure_0.8": float((top < 0.8).double().mean()), "unsure_0.95": float((top < 0.95).double().mean()),
                    "rough": float((laplacian_energy(imgs) > rough_cut).double().mean()),
-                   "precision": precision, "recall": recall}}
+                   "precision": quality["precision"], "recall": quality["recall"]}}
     digits = {}
     for d in range(10):
         x = sample(str(d), args.per_digit, 6000 + 100 * d)
