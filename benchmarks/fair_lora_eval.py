@@ -219,7 +219,9 @@ def main():
         "sampling_time_ratio": results["sampling_time_ratio"],
     }
     results["total_seconds"] = round(time.time() - t_start, 1)
-    out = Path(args.out or ROOT / "docs" / "fairness" / f"{args.lora}.eval.json")
+    # another base model's results never overwrite the shipped model's file of the same LoRA name
+    stem = args.lora + (f".{Path(args.weights).stem}" if args.weights else "")
+    out = Path(args.out or ROOT / "docs" / "fairness" / f"{stem}.eval.json")
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results["checks"], indent=1), "\ntotal", results["total_seconds"], "s")
 
