@@ -8,7 +8,8 @@ model, conditioning, schedules, folders, progress bar and Cancel are adapted to 
   something else (the demo's benchmark uses the demo's own evaluator on decoded pixels).
 - SPELL Fair LoRA Trainer: trains a LoRA on the U-Net's attention projections through the sampling chain
   (adjusted DFT) so that the prompt alone, at batch 1 and with any sampler, gives the target distribution.
-  Writes models/loras/<name>.safetensors (the EMA weights, in the key format of ComfyUI's stock LoraLoader and
+  Writes models/loras/<name>.safetensors (the EMA weights, of the last iteration or, with ``result`` "lowest
+  validation bias", of the validation with the lowest bias, in the key format of ComfyUI's stock LoraLoader and
   LoraLoaderModelOnly), models/loras/<name>.training.json (settings, every iteration's losses and gradient norm,
   the validation bias), and a checkpoint user/spell/training/<name>.safetensors every ``checkpoint_every``
   iterations and on Cancel; with ``resume`` on, a later run continues from it. The training runs on the model's
@@ -40,6 +41,7 @@ from .fairness import NONE, check_name, check_unet, class_folders, labelled_exam
 from .report import image_batch
 
 CLASSIFIERS = "spell_classifiers"
+RESULTS = ("last", "lowest validation bias")  # which EMA weights SPELL Fair LoRA Trainer writes
 if CLASSIFIERS not in folder_paths.folder_names_and_paths:
     folder_paths.folder_names_and_paths[CLASSIFIERS] = ([os.path.join(folder_paths.models_dir, CLASSIFIERS)],
                                                         {".safetensors"})
@@ -291,6 +293,10 @@ class SpellFairLoRATrainer:
                     "prompt (only the batch is trained), e.g. 180 with batch 20 for a 10-class target: a batch that "
                     "happens to hold too many of one class is not pushed to change them. 0: each batch alone (the "
                     "paper's)."}),
+                "result": (list(RESULTS), {"default": "last", "tooltip":
+                    "Which weights the LoRA file holds: the EMA weights at the last iteration, or those of the "
+                    "validation (every checkpoint_every iterations, 64 fixed seeds, through the classifier) with the "
+                    "lowest bias: a run that goes past its best is then written at its best."}),
                 "ema_warmup": ("BOOLEAN", {"default": False, "tooltip":
                     "Warm the EMA up (decay (1+k)/(10+k), up to 0.996) instead of a constant 0.996 from the untrained "
                     "LoRA. Off by default: on the demo the constant decay gave the better LoRA (docs/fairness_finetune.md)."}),
@@ -299,7 +305,9 @@ class SpellFairLoRATrainer:
 
     def train(self, model, positive, negative, classifier, target, name, iterations, batch_size, steps, cfg, rank,
               learning_rate, seed, resume, checkpoint_every, keep=None, draw="stratified", gradient="adjusted",
-              preservation=8.0, ema_warmup=False, class_prompts=None, pool=0):
+              preservation=8.0, ema_warmup=False, class_prompts=None, pool=0, result="last"):
+        if result not in RESULTS:
+            raise SpellInputError(self.NODE_ID, f"result must be one of {', '.join(RESULTS)}, got {result!r}.")
         check_numbers(self.NODE_ID, cfg=cfg, learning_rate=learning_rate, preservation=preservation)
         check_unet(self.NODE_ID, model)
         if getattr(model.model, "adm_channels", 0):
@@ -371,14 +379,21 @@ class SpellFairLoRATrainer:
             raise
         finally:
             lora.detach_hooks()
-        sd = trainer.ema_state_dict()
+        best = result == RESULTS[1] and trainer.best is not None
+        sd = trainer.best_state_dict() if best else trainer.ema_state_dict()
+        written = trainer.best["iteration"] if best else trainer.iteration
         meta = {"spell_fair_lora": json.dumps({"classes": classifier.classes, "target": q.tolist(),
-                                               "iterations": trainer.iteration, "rank": rank})}
+                                               "iterations": trainer.iteration, "written_iteration": written,
+                                               "rank": rank})}
         lora_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(sd, lora_path, meta)
         summary = self.summary(trainer, classifier.classes, q, resumed)
+        if best:
+            summary += (f"; written: the EMA weights of iteration {written} (lowest validation bias, "
+                        f"{trainer.best['bias']:.3f})")
         write_log(log_path, trainer.log, {"settings": trainer.config.__dict__, "classes": classifier.classes,
-                                          "target": q.tolist(), "resumed_from": resumed, "lora": lora_path.name})
+                                          "target": q.tolist(), "resumed_from": resumed, "lora": lora_path.name,
+                                          "result": result, "written_iteration": written})
         patched, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(lora_path)), 1.0, 0.0)
         report = f"saved models/loras/{lora_path.name} (log {log_path.name}); " + summary
         return {"ui": {"text": [report]}, "result": (patched, report, image_batch([charts.training_chart(trainer.log)]))}
@@ -403,6 +418,7 @@ class SpellFairLoRATrainer:
         if not trainer.log:
             trainer.log.append(row)
         row.update(validation_bias=bias(share), validation_share=share.tolist())
+        trainer.note_validation(row["validation_bias"])
 
     @staticmethod
     def summary(trainer, classes, q, resumed) -> str:

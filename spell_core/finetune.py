@@ -503,6 +503,8 @@ class FairTrainer:
         self.log: list[dict] = []
         self.generator = torch.Generator().manual_seed(config.seed)
         self.pools: dict[int, torch.Tensor] = {}  # prompt index -> class probabilities [≤ pool, K] of recent images
+        self.best: dict | None = None  # {"iteration", "bias", "ema": [tensors]}: the EMA weights of the lowest
+                                       # validation bias so far (``note_validation``)
 
     def _noise(self, n: int) -> torch.Tensor:
         return torch.randn((n, *self.task.shape), generator=self.generator)
@@ -597,6 +599,29 @@ class FairTrainer:
         finally:
             self.restore(saved)
 
+    def note_validation(self, bias: float) -> bool:
+        """Records the validation bias of the current EMA weights; keeps a copy of them when it is the lowest so
+        far (the first of equal ones). Returns whether it was. A run that goes past its best (on the demo, runs
+        that collapsed onto one or two classes after their best iteration) can still write that best state."""
+        if not math.isfinite(bias) or (self.best is not None and bias >= self.best["bias"]):
+            return False
+        self.best = {"iteration": self.iteration, "bias": float(bias), "ema": [e.detach().clone() for e in self.ema]}
+        return True
+
+    def best_state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA weights of the lowest validation bias, in ComfyUI's LoRA key format (the current EMA weights
+        when nothing was validated)."""
+        if self.best is None:
+            return self.ema_state_dict()
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, e in zip(self.params, self.best["ema"]):
+                p.copy_(e)
+        try:
+            return self.lora.comfy_state_dict()
+        finally:
+            self.restore(saved)
+
     def use_ema(self) -> list[torch.Tensor]:
         """Swaps the EMA weights into the LoRA (returns the raw ones to swap back with ``restore``)."""
         saved = [p.detach().clone() for p in self.params]
@@ -620,7 +645,12 @@ class FairTrainer:
                 tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).float().reshape(-1).clone() if k == "step" else v.float().contiguous().clone()
         tensors["rng"] = self.generator.get_state().clone()
         tensors.update({f"pool.{k}": v.contiguous() for k, v in self.pools.items()})
+        best = {}
+        if self.best is not None:
+            tensors.update({f"best.{i}": e.float().contiguous().clone() for i, e in enumerate(self.best["ema"])})
+            best = {"iteration": self.best["iteration"], "bias": self.best["bias"]}
         meta = {"format": CHECKPOINT_FORMAT, "iteration": str(self.iteration), "config": json.dumps(asdict(self.config)),
+                "best": json.dumps(best),
                 "paths": json.dumps(self.lora.paths), "log": json.dumps(self.log), "extra": json.dumps(extra or {})}
         atomic_save(tensors, path, meta)
 
@@ -652,6 +682,9 @@ class FairTrainer:
         self.opt.load_state_dict(state)
         self.generator.set_state(tensors["rng"].to(torch.uint8))
         self.pools = {int(k[len("pool."):]): v for k, v in tensors.items() if k.startswith("pool.")}
+        best = json.loads(meta.get("best", "{}"))  # checkpoints from before it kept none
+        self.best = ({**best, "ema": [tensors[f"best.{i}"].clone() for i in range(len(self.params))]}
+                     if best else None)
         self.iteration = int(meta["iteration"])
         self.log = json.loads(meta["log"])
         return json.loads(meta.get("extra", "{}"))

@@ -297,6 +297,38 @@ def test_checkpoints_resume_exactly(tmp_path, gradient, draw, extra):
         other.load_checkpoint(tmp_path / "ck.safetensors")
 
 
+def test_the_lowest_validation_keeps_its_ema_weights_through_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).requires_grad_(False)
+
+    def fresh():
+        unet = ToyUNet()
+        lora = LoRA(attention_linears(unet, ("to_q", "to_v")), rank=2).attach()
+        return FairTrainer(toy_task(unet, lora, classifier), lora,
+                           FairLoRAConfig(iterations=4, batch=4, steps=(2, 3), rank=2, lr=0.05, ema_warmup=True))
+
+    t = fresh()
+    assert t.best is None and t.best_state_dict().keys() == t.ema_state_dict().keys()
+    snapshots = {}
+    for bias_now in (0.30, 0.10, 0.10, float("nan"), 0.20):  # lowest at iteration 2; the equal one and NaN not kept
+        t.step()
+        snapshots[t.iteration] = t.ema_state_dict()
+        kept = t.note_validation(bias_now)
+        assert kept == (t.iteration in (1, 2))
+    assert t.best["iteration"] == 2 and t.best["bias"] == 0.10
+    raw = [p.detach().clone() for p in t.params]
+    best, last = t.best_state_dict(), t.ema_state_dict()
+    assert all(torch.equal(best[k], snapshots[2][k]) for k in best)
+    assert any(not torch.equal(last[k], snapshots[2][k]) for k in last)  # training went on past it
+    assert all(torch.equal(a, b) for a, b in zip(t.params, raw))  # the raw weights are back in the LoRA
+    t.save_checkpoint(tmp_path / "ck.safetensors")
+    back = fresh()
+    back.load_checkpoint(tmp_path / "ck.safetensors")
+    assert back.best["iteration"] == 2 and back.best["bias"] == 0.10
+    assert all(torch.equal(a, b) for a, b in zip(back.best["ema"], t.best["ema"]))
+    assert not back.note_validation(0.15) and back.note_validation(0.05) and back.best["iteration"] == 5
+
+
 def test_ema_warm_up_starts_at_the_trained_weights_and_widens_to_the_decay():
     torch.manual_seed(0)
     classifier = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).requires_grad_(False)

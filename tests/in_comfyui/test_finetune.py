@@ -129,6 +129,32 @@ def test_cancel_keeps_a_checkpoint_and_resume_continues_bit_for_bit(comfy, demo)
         train(comfy, demo, "test_resumed", iterations=6, resume=True, learning_rate=2e-3)
 
 
+def test_lowest_validation_bias_writes_the_ema_weights_of_that_validation(comfy, demo):
+    out = train(comfy, demo, "test_best", iterations=5, every=1, learning_rate=0.3, ema_warmup=True,
+                result="lowest validation bias")
+    loras = Path(folder_paths.get_folder_paths("loras")[0])
+    log = json.loads((loras / "test_best.training.json").read_text())
+    biases = [(r["validation_bias"], r["iteration"]) for r in log["iterations"]]
+    assert len(biases) == 6  # before training and after each iteration
+    best = min(biases)[1]  # the first of equal ones
+    assert log["summary"]["written_iteration"] == best and log["summary"]["result"] == "lowest validation bias"
+    assert f"written: the EMA weights of iteration {best} " in out["result"][1]
+    written = comfy_utils.load_torch_file(str(loras / "test_best.safetensors"))
+    if best == 0:  # the untrained LoRA: every up projection still zero
+        assert all(float(v.abs().max()) == 0 for k, v in written.items() if k.endswith("lora_up.weight"))
+    else:  # the same training stopped there writes the same file
+        train(comfy, demo, "test_best_ref", iterations=best, every=1, learning_rate=0.3, ema_warmup=True)
+        ref = comfy_utils.load_torch_file(str(loras / "test_best_ref.safetensors"))
+        assert sorted(ref) == sorted(written) and all(torch.equal(ref[k], written[k]) for k in ref)
+    last = train(comfy, demo, "test_best_last", iterations=5, every=1, learning_rate=0.3,
+                 ema_warmup=True)
+    assert "written:" not in last["result"][1]
+    assert json.loads((loras / "test_best_last.training.json").read_text())["summary"]["written_iteration"] == 5
+    if best < 5:  # training went on past the best: the last weights are another file
+        final = comfy_utils.load_torch_file(str(loras / "test_best_last.safetensors"))
+        assert any(not torch.equal(final[k], written[k]) for k in final)
+
+
 def test_class_prompts_give_moved_images_their_new_class_prompts_reference(comfy, demo):
     nodes = comfy.NODE_CLASS_MAPPINGS
     _, _, prompts = nodes["SpellDemoModelLoader"]().load()
@@ -155,6 +181,7 @@ def test_class_prompts_give_moved_images_their_new_class_prompts_reference(comfy
     (dict(target="cat: 1"), "cat"),
     (dict(name="../x"), "name"),
     (dict(cfg=float("nan")), "cfg must be a finite number"),
+    (dict(result="best"), "result must be one of last, lowest validation bias"),
 ])
 def test_bad_input_names_the_node(comfy, demo, change, message):
     with pytest.raises(ValueError, match=f"SpellFairLoRATrainer: .*{message}"):
