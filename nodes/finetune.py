@@ -293,13 +293,13 @@ class SpellFairLoRATrainer:
                     "prompt (only the batch is trained), e.g. 180 with batch 20 for a 10-class target: a batch that "
                     "happens to hold too many of one class is not pushed to change them. 0: each batch alone (the "
                     "paper's)."}),
+                "ema_warmup": ("BOOLEAN", {"default": False, "tooltip":
+                    "Warm the EMA up (decay (1+k)/(10+k), up to 0.996) instead of a constant 0.996 from the untrained "
+                    "LoRA. Off by default: on the demo the constant decay gave the better LoRA (docs/fairness_finetune.md)."}),
                 "result": (list(RESULTS), {"default": "last", "tooltip":
                     "Which weights the LoRA file holds: the EMA weights at the last iteration, or those of the "
                     "validation (every checkpoint_every iterations, 64 fixed seeds, through the classifier) with the "
                     "lowest bias: a run that goes past its best is then written at its best."}),
-                "ema_warmup": ("BOOLEAN", {"default": False, "tooltip":
-                    "Warm the EMA up (decay (1+k)/(10+k), up to 0.996) instead of a constant 0.996 from the untrained "
-                    "LoRA. Off by default: on the demo the constant decay gave the better LoRA (docs/fairness_finetune.md)."}),
             },
         }
 
