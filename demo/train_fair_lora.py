@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preservation", type=float, default=8.0, help="weight of the semantics preservation loss")
     ap.add_argument("--ema-warmup", action="store_true", help="warm the EMA up (the node's ema_warmup)")
+    ap.add_argument("--validation-seeds", type=int, default=64,
+                    help="images each validation counts (the node's validation_seeds)")
     ap.add_argument("--result", default="last", choices=("last", "lowest validation bias"),
                     help="which EMA weights the LoRA file holds (the node's result): the last iteration's, or those "
                          "of the validation with the lowest bias")
@@ -130,7 +132,8 @@ def main(argv=None) -> int:
         model, pos, neg, clf, args.target, args.out, args.iterations, args.batch, 6, 4.0, 8, args.learning_rate,
         args.seed, False, 50, keep=keep, gradient=args.gradient, draw=args.draw,
         preservation=args.preservation, ema_warmup=args.ema_warmup,
-        class_prompts=digits if args.class_reference else None, pool=args.pool, result=args.result)["result"]
+        class_prompts=digits if args.class_reference else None, pool=args.pool, result=args.result,
+        validation_seeds=args.validation_seeds)["result"]
     seconds = time.perf_counter() - t0
     print(result[1], file=sys.stderr)
     loras = Path(folder_paths.get_folder_paths("loras")[0])

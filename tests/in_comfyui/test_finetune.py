@@ -155,6 +155,21 @@ def test_lowest_validation_bias_writes_the_ema_weights_of_that_validation(comfy,
         assert any(not torch.equal(final[k], written[k]) for k in final)
 
 
+def test_validation_seeds_set_the_validation_size_and_resume_keeps_it(comfy, demo):
+    out = train(comfy, demo, "test_val16", iterations=2, every=1, validation_seeds=16)
+    assert "validation bias (training classifier, 16 fixed seeds)" in out["result"][1]
+    loras = Path(folder_paths.get_folder_paths("loras")[0])
+    log = json.loads((loras / "test_val16.training.json").read_text())
+    assert log["summary"]["validation_seeds"] == 16
+    shares = [r["validation_share"] for r in log["iterations"]]
+    assert all(abs(sum(sh) - 1) < 1e-9 and all(round(x * 16, 9) == round(x * 16) for x in sh) for sh in shares)
+    with pytest.raises(ValueError, match="SpellFairLoRATrainer: the checkpoint test_val16.safetensors was validated "
+                                         "on 16 seeds; set validation_seeds to that"):
+        train(comfy, demo, "test_val16", iterations=3, every=1, resume=True)
+    resumed = train(comfy, demo, "test_val16", iterations=3, every=1, resume=True, validation_seeds=16)
+    assert "resumed at 2" in resumed["result"][1]
+
+
 def test_class_prompts_give_moved_images_their_new_class_prompts_reference(comfy, demo):
     nodes = comfy.NODE_CLASS_MAPPINGS
     _, _, prompts = nodes["SpellDemoModelLoader"]().load()
@@ -182,6 +197,7 @@ def test_class_prompts_give_moved_images_their_new_class_prompts_reference(comfy
     (dict(name="../x"), "name"),
     (dict(cfg=float("nan")), "cfg must be a finite number"),
     (dict(result="best"), "result must be one of last, lowest validation bias"),
+    (dict(validation_seeds=4), "validation_seeds must be between 8 and 4096"),
 ])
 def test_bad_input_names_the_node(comfy, demo, change, message):
     with pytest.raises(ValueError, match=f"SpellFairLoRATrainer: .*{message}"):
