@@ -593,7 +593,14 @@ class FairTrainer:
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA weights in ComfyUI's LoRA key format: the result (the raw weights are only for resuming)."""
-        saved = self.use_ema()
+        return self._state_dict_of(self.ema)
+
+    def _state_dict_of(self, weights: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``weights`` (one per LoRA parameter) in ComfyUI's LoRA key format; the LoRA keeps its own weights."""
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, w in zip(self.params, weights):
+                p.copy_(w)
         try:
             return self.lora.comfy_state_dict()
         finally:
@@ -611,16 +618,7 @@ class FairTrainer:
     def best_state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA weights of the lowest validation bias, in ComfyUI's LoRA key format (the current EMA weights
         when nothing was validated)."""
-        if self.best is None:
-            return self.ema_state_dict()
-        saved = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, e in zip(self.params, self.best["ema"]):
-                p.copy_(e)
-        try:
-            return self.lora.comfy_state_dict()
-        finally:
-            self.restore(saved)
+        return self._state_dict_of(self.ema if self.best is None else self.best["ema"])
 
     def use_ema(self) -> list[torch.Tensor]:
         """Swaps the EMA weights into the LoRA (returns the raw ones to swap back with ``restore``)."""
