@@ -37,6 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "diversity_decide"
+DEFAULT_WEIGHTS = "demo_model.safetensors"  # the shipped demo model (SPELL Demo Model Loader's default)
 REPORT = ROOT / "docs" / "diversity_decide.md"
 PROMPTS = ["any digit"] + [str(d) for d in range(10)]
 SEEDS = list(range(1000, 1016))
@@ -106,6 +107,21 @@ METHODS = [
     ("SPELL features", 3.0, dict(scale=3.0, features=True)),
     ("SPELL features (until 60 %)", 2.5, dict(scale=2.5, features=True, end=0.6)),
     ("SPELL features (until 60 %)", 3.0, dict(scale=3.0, features=True, end=0.6)),
+    # the better-trained demo model (``--weights demo_model_6000.safetensors``): interval 2.0 and CADS 0.25 raise
+    # precision above the baseline's there, so the pack's points must too; SPELL with the pack's CADS node (and
+    # its interval node), and stronger pushes on top of the interval for the Particle Guidance points
+    ("SPELL adaptive 1.2 + interval", 2.0, dict(scale=1.2, interval=2.0)),
+    ("SPELL adaptive 1.2 + interval", 1.0, dict(scale=1.2, interval=1.0)),
+    ("SPELL adaptive 1.2 + interval", 0.5, dict(scale=1.2, interval=0.5)),
+    ("SPELL adaptive 1.3 + interval", 0.5, dict(scale=1.3, interval=0.5)),
+    ("SPELL adaptive 1.4 + interval", 2.0, dict(scale=1.4, interval=2.0)),
+    ("SPELL adaptive 1.4 + interval", 1.0, dict(scale=1.4, interval=1.0)),
+    ("SPELL adaptive 1.05 + CADS", 0.25, dict(scale=1.05, cads=0.25)),
+    ("SPELL adaptive 1.1 + CADS", 0.25, dict(scale=1.1, cads=0.25)),
+    ("SPELL adaptive 1.05 + CADS 0.25 + interval", 2.0, dict(scale=1.05, cads=0.25, interval=2.0)),
+    ("SPELL adaptive 1.05 + CADS 0.25 + interval", 1.0, dict(scale=1.05, cads=0.25, interval=1.0)),
+    ("SPELL adaptive 1.05 + CADS 0.25 + interval", 0.5, dict(scale=1.05, cads=0.25, interval=0.5)),
+    ("SPELL adaptive 1.1 + CADS 0.25 + interval", 1.0, dict(scale=1.1, cads=0.25, interval=1.0)),
 ]
 PEERS = ("Interval guidance", "CADS", "Particle Guidance")
 
@@ -239,7 +255,7 @@ def run(args) -> None:
     from tools import comfy_host
 
     nodes = comfy_host.start(tempfile.mkdtemp(prefix="spell-decide-"))
-    bench = Bench(nodes)
+    bench = Bench(nodes, args.weights)
     prompts, seeds, methods = PROMPTS, SEEDS, METHODS
     if args.quick:
         prompts, seeds, methods = ["any digit", "3"], SEEDS[:2], [METHODS[0], METHODS[5], METHODS[9]]
@@ -264,8 +280,11 @@ def run(args) -> None:
                + (f" --seeds-from {args.seeds_from}" if args.seeds_from is not None else "")
                + (f" --seed-count {args.seed_count}" if args.seed_count else "")
                + ("".join(f' --only "{m}"' for m in args.only) if args.only else "")
+               + (f" --weights {args.weights}" if args.weights else "")
                + (f" --out {args.out}" if args.out else ""))
-    R.update(command=command,
+    if R.get("results") and R.get("weights", DEFAULT_WEIGHTS) != (args.weights or DEFAULT_WEIGHTS):
+        raise SystemExit(f"{path} holds results of {R.get('weights', DEFAULT_WEIGHTS)}; give another --out")
+    R.update(command=command, weights=args.weights or DEFAULT_WEIGHTS,
              batch=args.batch, prompts=prompts, seeds=seeds, boot=BOOT, lam=LAM, sigma_lo=SIGMA_LO,
              machine=f"{platform.machine()}, {os.cpu_count()} cores visible, torch {torch.__version__}, 1 thread, "
                      f"Python {platform.python_version()}")
@@ -324,21 +343,28 @@ def best_at(points, precision):
     return max(ok) if ok else (None, None)
 
 
-def report(batches: list[int]) -> str:
+def rel(path: Path) -> str:
+    """path relative to the repository where it lies inside it (as the report's commands name it)."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def report(batches: list[int], folder: Path = OUT) -> str:
     L = ["# Diversity benchmark that decides (issue 12)", ""]
     data = {}
     for b in batches:
-        path = OUT / f"batch{b}.json"
+        path = folder / f"batch{b}.json"
         if path.exists():
             data[b] = json.loads(path.read_text())
     if not data:
         raise SystemExit("no results: run --batch 8 and --batch 4 first")
     any_r = next(iter(data.values()))
     L += [f"Commands: {', '.join('`' + d['command'] + '`' for d in data.values())}, then "
-          f"`python -m benchmarks.diversity_decide --report`. Wall clock per batch size: "
+          f"`python -m benchmarks.diversity_decide --report"
+          + ("" if folder == OUT else f" --out {rel(folder)}") + "`. Wall clock per batch size: "
           + ", ".join(f"batch {b}: {d.get('wall_s', float('nan')) / 60:.1f} min ({d.get('when', '?')})" for b, d in data.items())
           + f". Machine: {any_r['machine']}.", "",
-          f"Setup: ComfyUI's `common_ksampler` on the demo model, euler / normal, 20 steps, CFG 4, negative "
+          f"Setup: ComfyUI's `common_ksampler` on the demo model (`demo/weights/"
+          f"{any_r.get('weights', DEFAULT_WEIGHTS)}`), euler / normal, 20 steps, CFG 4, negative "
           f"\"(empty)\"; all {len(any_r['prompts'])} prompts ({', '.join(any_r['prompts'])}); {len(any_r['seeds'])} "
           f"batches per prompt and method (seeds {any_r['seeds'][0]}-{any_r['seeds'][-1]}, the same for every "
           f"method); λ = {any_r['lam']}; interval guidance from σ_lo = {any_r['sigma_lo']} to σ_hi (the knob). "
@@ -377,7 +403,8 @@ def report(batches: list[int]) -> str:
                 above += ok
                 rows.append(f"| {label(r)} | {p:.3f} | {v:.3f} | {f3(best)} | {who or '–'} | {'yes' if ok else 'no'} |")
             L += [f"**The pack's curve against every peer point ({name}, batch {b}):** the pack (baseline, SPELL, "
-                  f"SPELL + interval) is above at {above} of {len(peers)} peer points at equal or higher precision.", "",
+                  f"SPELL with the pack's interval and CADS nodes) is above at {above} of {len(peers)} peer points "
+                  "at equal or higher precision.", "",
                   f"| peer point | precision | {name} | pack's best {name} at ≥ that precision | pack setting | above |",
                   "|---|---|---|---|---|---|"] + rows + [""]
         L += [f"Per prompt, Δ against the baseline (Vendi / precision, paired 95 % CIs), batch {b}:", "",
@@ -393,7 +420,8 @@ def report(batches: list[int]) -> str:
                              f"{q['delta']:+.3f} [{q['delta_ci'][0]:+.2f}, {q['delta_ci'][1]:+.2f}]")
             L.append(f"| {label(r)} | " + " | ".join(cells) + " |")
         L.append("")
-    L += validation(batches)
+    if folder == OUT:
+        L += validation(batches)
     return "\n".join(L) + "\n"
 
 
@@ -448,11 +476,19 @@ def main():
     ap.add_argument("--only", nargs="+", metavar="LABEL", help='run only the baseline and these methods, by label '
                     '(method and knob, as in the report: "SPELL adaptive 1.05")')
     ap.add_argument("--out", help=f"folder for the result files (default {OUT.relative_to(ROOT)})")
-    ap.add_argument("--report", action="store_true", help="write docs/diversity_decide.md from the result files")
+    ap.add_argument("--weights", help=f"the demo model file in demo/weights to sample (default {DEFAULT_WEIGHTS}); "
+                    "give it its own --out")
+    ap.add_argument("--report", action="store_true", help="write docs/diversity_decide.md from the result files "
+                    "(with --out F: F.md from the files in F)")
     args = ap.parse_args()
     if args.report:
-        REPORT.write_text(report([8, 4]) + (REPORT_TAIL.read_text() if REPORT_TAIL.exists() else ""))
-        print(f"wrote {REPORT}")
+        if args.out:  # another run's folder (e.g. another --weights): its tables and its own conclusions.md
+            folder = Path(args.out).resolve()
+            target, tail = folder.with_suffix(".md"), folder / "conclusions.md"
+        else:
+            folder, target, tail = OUT, REPORT, REPORT_TAIL
+        target.write_text(report([8, 4], folder) + (tail.read_text() if tail.exists() else ""))
+        print(f"wrote {target}")
         return
     if not args.batch:
         ap.error("give --batch B or --report")

@@ -59,14 +59,16 @@ def plan(quick: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------------ harness
 class Bench:
-    def __init__(self, nodes):
+    def __init__(self, nodes, weights: str | None = None):
+        """``weights``: a demo model file in demo/weights (SPELL Demo Model Loader's choice); None: the shipped one."""
         from demo.data import digits_split, images16_to_latents
         from demo.evaluator import load_evaluator
 
         self.nodes = nodes
         M = nodes.NODE_CLASS_MAPPINGS
         self.M = M
-        self.model, self.vae, self.prompts = M["SpellDemoModelLoader"]().load()
+        loader = M["SpellDemoModelLoader"]()
+        self.model, self.vae, self.prompts = loader.load() if weights is None else loader.load(weights)
         enc = M["SpellDemoClassPrompt"]()
         self.cond = {p: enc.encode(self.prompts, p)[0] for p in ["any digit", "(empty)"] + [str(d) for d in range(10)]}
         self.evaluator = load_evaluator()
