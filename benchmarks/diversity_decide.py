@@ -122,6 +122,10 @@ METHODS = [
     ("SPELL adaptive 1.05 + CADS 0.25 + interval", 1.0, dict(scale=1.05, cads=0.25, interval=1.0)),
     ("SPELL adaptive 1.05 + CADS 0.25 + interval", 0.5, dict(scale=1.05, cads=0.25, interval=0.5)),
     ("SPELL adaptive 1.1 + CADS 0.25 + interval", 1.0, dict(scale=1.1, cads=0.25, interval=1.0)),
+    ("SPELL adaptive 1.3 + CADS 0.25 + interval", 2.0, dict(scale=1.3, cads=0.25, interval=2.0)),
+    ("SPELL absolute r 0.35 + interval", 1.0, dict(r=0.35, scale=0.0, interval=1.0)),
+    ("SPELL absolute r 0.5 + interval", 2.0, dict(r=0.5, scale=0.0, interval=2.0)),
+    ("SPELL absolute r 0.5 + interval", 1.0, dict(r=0.5, scale=0.0, interval=1.0)),
 ]
 PEERS = ("Interval guidance", "CADS", "Particle Guidance")
 
@@ -284,7 +288,9 @@ def run(args) -> None:
                + (f" --out {args.out}" if args.out else ""))
     if R.get("results") and R.get("weights", DEFAULT_WEIGHTS) != (args.weights or DEFAULT_WEIGHTS):
         raise SystemExit(f"{path} holds results of {R.get('weights', DEFAULT_WEIGHTS)}; give another --out")
-    R.update(command=command, weights=args.weights or DEFAULT_WEIGHTS,
+    commands = R.get("commands", [R["command"]] if "command" in R else [])  # every run that added to this file
+    R.update(command=command, commands=commands + [command] * (command not in commands),
+             weights=args.weights or DEFAULT_WEIGHTS,
              batch=args.batch, prompts=prompts, seeds=seeds, boot=BOOT, lam=LAM, sigma_lo=SIGMA_LO,
              machine=f"{platform.machine()}, {os.cpu_count()} cores visible, torch {torch.__version__}, 1 thread, "
                      f"Python {platform.python_version()}")
@@ -348,6 +354,37 @@ def rel(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def compare(res: list, key: str) -> list[tuple]:
+    """Each peer point of res against the pack's best ``key`` (vendi or recall) at that precision or higher ->
+    [(peer label, precision, value, pack's best or None, its label or None, above)]. The pack is the baseline and
+    every SPELL setting (alone or after the pack's interval and CADS nodes); above: by more than the report's
+    rounding (SPELL 1.0 does nothing at batch 4, so "1.0 + interval" equals the interval's point up to float noise)."""
+    pts = frontier([r for r in res if r["method"].startswith("SPELL") or r["method"] == "baseline"], key)
+    out = []
+    for r in (r for r in res if r["method"] in PEERS):
+        p, v = r["stats"]["mean"]["precision"]["value"], r["stats"]["mean"][key]["value"]
+        best, who = best_at(pts, p)
+        out.append((label(r), p, v, best, who, best is not None and best - v > 5e-4))
+    return out
+
+
+def curve(res: list, b: int, where: str = "") -> list[str]:
+    """The pack's best Vendi and recall at each peer point's precision or higher, as report lines."""
+    L = []
+    for key, name in (("vendi", "Vendi"), ("recall", "recall")):
+        rows = compare(res, key)
+        if not rows:
+            return []
+        L += [f"**The pack's curve against every peer point ({name}, batch {b}{where}):** the pack (baseline, SPELL, "
+              f"SPELL with the pack's interval and CADS nodes) is above at {sum(r[5] for r in rows)} of {len(rows)} "
+              "peer points at equal or higher precision.", "",
+              f"| peer point | precision | {name} | pack's best {name} at ≥ that precision | pack setting | above |",
+              "|---|---|---|---|---|---|"]
+        L += [f"| {peer} | {p:.3f} | {v:.3f} | {f3(best)} | {who or '–'} | {'yes' if ok else 'no'} |"
+              for peer, p, v, best, who, ok in rows] + [""]
+    return L
+
+
 def report(batches: list[int], folder: Path = OUT) -> str:
     L = ["# Diversity benchmark that decides (issue 12)", ""]
     data = {}
@@ -358,7 +395,7 @@ def report(batches: list[int], folder: Path = OUT) -> str:
     if not data:
         raise SystemExit("no results: run --batch 8 and --batch 4 first")
     any_r = next(iter(data.values()))
-    L += [f"Commands: {', '.join('`' + d['command'] + '`' for d in data.values())}, then "
+    L += [f"Commands: {', '.join('`' + c + '`' for d in data.values() for c in d.get('commands', [d['command']]))}, then "
           f"`python -m benchmarks.diversity_decide --report"
           + ("" if folder == OUT else f" --out {rel(folder)}") + "`. Wall clock per batch size: "
           + ", ".join(f"batch {b}: {d.get('wall_s', float('nan')) / 60:.1f} min ({d.get('when', '?')})" for b, d in data.items())
@@ -389,24 +426,7 @@ def report(batches: list[int], folder: Path = OUT) -> str:
                      + f" | {with_ci(m['recall'])} | {with_ci(m['coverage'])} | {m['fd']['value']:.1f} | {up} | {down} | "
                      + (worst(s, per) if "delta" in m["vendi"] else "–") + " |")
         L.append("")
-        pack = [r for r in res if r["method"].startswith("SPELL") or r["method"] == "baseline"]
-        peers = [r for r in res if r["method"] in PEERS]
-        for key, name in (("vendi", "Vendi"), ("recall", "recall")):
-            pts = frontier(pack, key)
-            rows, above = [], 0
-            for r in peers:
-                p, v = r["stats"]["mean"]["precision"]["value"], r["stats"]["mean"][key]["value"]
-                best, who = best_at(pts, p)
-                # above by more than the report's rounding: SPELL 1.0 does nothing at batch 4, so "1.0 + interval"
-                # equals the interval's own point up to float noise
-                ok = best is not None and best - v > 5e-4
-                above += ok
-                rows.append(f"| {label(r)} | {p:.3f} | {v:.3f} | {f3(best)} | {who or '–'} | {'yes' if ok else 'no'} |")
-            L += [f"**The pack's curve against every peer point ({name}, batch {b}):** the pack (baseline, SPELL, "
-                  f"SPELL with the pack's interval and CADS nodes) is above at {above} of {len(peers)} peer points "
-                  "at equal or higher precision.", "",
-                  f"| peer point | precision | {name} | pack's best {name} at ≥ that precision | pack setting | above |",
-                  "|---|---|---|---|---|---|"] + rows + [""]
+        L += curve(res, b)
         L += [f"Per prompt, Δ against the baseline (Vendi / precision, paired 95 % CIs), batch {b}:", "",
               "| method | " + " | ".join(f'"{p}"' for p in d["prompts"]) + " |",
               "|---|" + "---|" * len(d["prompts"])]
@@ -420,8 +440,7 @@ def report(batches: list[int], folder: Path = OUT) -> str:
                              f"{q['delta']:+.3f} [{q['delta_ci'][0]:+.2f}, {q['delta_ci'][1]:+.2f}]")
             L.append(f"| {label(r)} | " + " | ".join(cells) + " |")
         L.append("")
-    if folder == OUT:
-        L += validation(batches)
+    L += validation(batches, folder)
     return "\n".join(L) + "\n"
 
 
@@ -431,21 +450,22 @@ def worst(stats: dict, prompts: list) -> str:
     return f"{stats[p]['precision']['delta']:+.3f} (\"{p}\")"
 
 
-def validation(batches: list[int]) -> list[str]:
-    """The fresh-seed checks of the chosen default (``--seeds-from``): one table per folder OUT/validation*."""
+def validation(batches: list[int], where: Path = OUT) -> list[str]:
+    """The fresh-seed checks of the chosen default (``--seeds-from``): one table per folder where/validation*."""
     L = []
-    for folder in sorted(OUT.glob("validation*")):
+    for folder in sorted(where.glob("validation*")):
         data = {b: json.loads((folder / f"batch{b}.json").read_text()) for b in batches
                 if (folder / f"batch{b}.json").exists()}
         if not data:
             continue
         any_r = next(iter(data.values()))
         if not L:
-            L = ["## The default on fresh seeds", "",
-                 "The choice of the default was made on the seeds above; these runs check it on other seeds, "
+            L = ["## On fresh seeds", "",
+                 "The settings above were chosen on the seeds above; these runs check them on other seeds, "
                  "everything else the same.", ""]
         L += [f"Seeds {any_r['seeds'][0]}-{any_r['seeds'][-1]} ({len(any_r['seeds'])} batches per prompt and method; "
-              f"`{folder.relative_to(ROOT)}`). Commands: " + ", ".join(f"`{d['command']}`" for d in data.values()) + ".",
+              f"`{rel(folder)}`). Commands: " + ", ".join(f"`{c}`" for d in data.values()
+                                                        for c in d.get("commands", [d["command"]])) + ".",
               "",
               "| batch | method | Vendi | Δ Vendi | precision | Δ precision | prompts Vendi up | prompts precision down "
               "> 0.03 | worst prompt's Δ precision |", "|---|---|---|---|---|---|---|---|---|"]
@@ -462,6 +482,8 @@ def validation(batches: list[int]) -> list[str]:
                          f"{with_ci(m['precision'], 'delta', 'delta_ci', True)} | {up} | {down} | "
                          f"{worst(st, d['prompts'])} |")
         L.append("")
+        for b, d in data.items():
+            L += curve(d["results"], b, f", seeds {d['seeds'][0]}-{d['seeds'][-1]}")
     return L
 
 
