@@ -5,6 +5,8 @@
     python -m benchmarks.diversity_decide --report         # docs/diversity_decide.md from the two result files
     python -m benchmarks.diversity_decide --batch 8 --quick  # smoke run (2 prompts, 2 seeds, 3 methods)
     python -m benchmarks.diversity_decide --batch 8 --quick --methods "SPELL features" --out /tmp/fd_smoke
+    python -m benchmarks.diversity_decide --batch 8 --weights demo_model_6000.safetensors --out OUT  # another demo
+    # model file, in its own folder OUT (docs/diversity_decide_demo_model_6000); then --report --out OUT -> OUT.md
 
 Through ComfyUI's real sampler (``nodes.common_ksampler``) on the embedded demo model: the 11 prompts ("any digit",
 "0" ... "9"), the same seeds for every method (paired comparisons), euler / normal, 20 steps, CFG 4, negative
