@@ -290,8 +290,9 @@ def run(args) -> None:
                + (f" --out {args.out}" if args.out else ""))
     if R.get("results") and R.get("weights", DEFAULT_WEIGHTS) != (args.weights or DEFAULT_WEIGHTS):
         raise SystemExit(f"{path} holds results of {R.get('weights', DEFAULT_WEIGHTS)}; give another --out")
-    commands = R.get("commands", [R["command"]] if "command" in R else [])  # every run that added to this file
-    R.update(command=command, commands=commands + [command] * (command not in commands),
+    commands = commands_of(R)
+    R.pop("command", None)  # files written before ``commands`` held only the last run's command
+    R.update(commands=commands + [command] * (command not in commands),
              weights=args.weights or DEFAULT_WEIGHTS,
              batch=args.batch, prompts=prompts, seeds=seeds, boot=BOOT, lam=LAM, sigma_lo=SIGMA_LO,
              machine=f"{platform.machine()}, {os.cpu_count()} cores visible, torch {torch.__version__}, 1 thread, "
@@ -351,6 +352,11 @@ def best_at(points, precision):
     return max(ok) if ok else (None, None)
 
 
+def commands_of(result: dict) -> list[str]:
+    """Every command that added to a result file (files written before ``commands``: their one ``command``)."""
+    return result.get("commands") or ([result["command"]] if "command" in result else [])
+
+
 def rel(path: Path) -> str:
     """path relative to the repository where it lies inside it (as the report's commands name it)."""
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
@@ -397,7 +403,7 @@ def report(batches: list[int], folder: Path = OUT) -> str:
     if not data:
         raise SystemExit("no results: run --batch 8 and --batch 4 first")
     any_r = next(iter(data.values()))
-    L += [f"Commands: {', '.join('`' + c + '`' for d in data.values() for c in d.get('commands', [d['command']]))}, then "
+    L += [f"Commands: {', '.join('`' + c + '`' for d in data.values() for c in commands_of(d))}, then "
           f"`python -m benchmarks.diversity_decide --report"
           + ("" if folder == OUT else f" --out {rel(folder)}") + "`. Wall clock per batch size: "
           + ", ".join(f"batch {b}: {d.get('wall_s', float('nan')) / 60:.1f} min ({d.get('when', '?')})" for b, d in data.items())
@@ -467,7 +473,7 @@ def validation(batches: list[int], where: Path = OUT) -> list[str]:
                  "everything else the same.", ""]
         L += [f"Seeds {any_r['seeds'][0]}-{any_r['seeds'][-1]} ({len(any_r['seeds'])} batches per prompt and method; "
               f"`{rel(folder)}`). Commands: " + ", ".join(f"`{c}`" for d in data.values()
-                                                        for c in d.get("commands", [d["command"]])) + ".",
+                                                        for c in commands_of(d)) + ".",
               "",
               "| batch | method | Vendi | Δ Vendi | precision | Δ precision | prompts Vendi up | prompts precision down "
               "> 0.03 | worst prompt's Δ precision |", "|---|---|---|---|---|---|---|---|---|"]
