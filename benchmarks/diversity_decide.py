@@ -37,9 +37,11 @@ from pathlib import Path
 
 import torch
 
+from demo import DEFAULT_WEIGHTS
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "diversity_decide"
-DEFAULT_WEIGHTS = "demo_model.safetensors"  # the shipped demo model (SPELL Demo Model Loader's default)
+UNNAMED_WEIGHTS = "demo_model.safetensors"  # result files that name no model were made on the default before it
 REPORT = ROOT / "docs" / "diversity_decide.md"
 PROMPTS = ["any digit"] + [str(d) for d in range(10)]
 SEEDS = list(range(1000, 1016))
@@ -288,8 +290,8 @@ def run(args) -> None:
                + ("".join(f' --only "{m}"' for m in args.only) if args.only else "")
                + (f" --weights {args.weights}" if args.weights else "")
                + (f" --out {args.out}" if args.out else ""))
-    if R.get("results") and R.get("weights", DEFAULT_WEIGHTS) != (args.weights or DEFAULT_WEIGHTS):
-        raise SystemExit(f"{path} holds results of {R.get('weights', DEFAULT_WEIGHTS)}; give another --out")
+    if R.get("results") and R.get("weights", UNNAMED_WEIGHTS) != (args.weights or DEFAULT_WEIGHTS):
+        raise SystemExit(f"{path} holds results of {R.get('weights', UNNAMED_WEIGHTS)}; give another --out")
     commands = commands_of(R)
     R.pop("command", None)  # files written before ``commands`` held only the last run's command
     R.update(commands=commands + [command] * (command not in commands),
@@ -409,7 +411,7 @@ def report(batches: list[int], folder: Path = OUT) -> str:
           + ", ".join(f"batch {b}: {d.get('wall_s', float('nan')) / 60:.1f} min ({d.get('when', '?')})" for b, d in data.items())
           + f". Machine: {any_r['machine']}.", "",
           f"Setup: ComfyUI's `common_ksampler` on the demo model (`demo/weights/"
-          f"{any_r.get('weights', DEFAULT_WEIGHTS)}`), euler / normal, 20 steps, CFG 4, negative "
+          f"{any_r.get('weights', UNNAMED_WEIGHTS)}`), euler / normal, 20 steps, CFG 4, negative "
           f"\"(empty)\"; all {len(any_r['prompts'])} prompts ({', '.join(any_r['prompts'])}); {len(any_r['seeds'])} "
           f"batches per prompt and method (seeds {any_r['seeds'][0]}-{any_r['seeds'][-1]}, the same for every "
           f"method); λ = {any_r['lam']}; interval guidance from σ_lo = {any_r['sigma_lo']} to σ_hi (the knob). "

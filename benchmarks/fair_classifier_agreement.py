@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from demo import DEFAULT_WEIGHTS
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
         images["LoRA"] = sample(lora_model, "any digit", args.images, 300_000)
     with torch.no_grad():
         judged = {k: ev.predict(latents_to_images16(v)) for k, v in images.items()}
-    results = {"lora": args.lora if args.lora_images else None, "weights": args.weights or "demo_model.safetensors",
+    results = {"lora": args.lora if args.lora_images else None, "weights": args.weights or DEFAULT_WEIGHTS,
                "images": args.images, "generated": args.generated, "judge": {}, "variants": {}}
     bins = ((0.0, 0.8), (0.8, 0.95), (0.95, 1.01))
     for k, p in judged.items():

@@ -80,12 +80,12 @@ def main():
     ap.add_argument("--count-images", type=int, default=2000, help="images of the base model and of the LoRA drawn "
                     "in batches of 16 as well, for shares the count of --images alone cannot resolve (0: none)")
     ap.add_argument("--per-digit", type=int, default=64, help="images per single-digit prompt")
-    ap.add_argument("--robustness", type=float, default=0.1, help="the robustness the LoRA's training classifier "
+    ap.add_argument("--robustness", type=float, default=0.2, help="the robustness the LoRA's training classifier "
                     "was trained with (demo.train_fair_lora --robustness), to retrain the same one for the agreement")
     ap.add_argument("--generated", type=int, default=0, help="the --generated of demo.train_fair_lora (its "
                     "classifier's generated examples per digit prompt), likewise")
     ap.add_argument("--weights", default=None, help="the demo model file in demo/weights the LoRA was trained on "
-                    "(default: the shipped demo_model.safetensors)")
+                    "(default: SPELL Demo Model Loader's, demo_model_6000.safetensors)")
     ap.add_argument("--skip-guidance", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -19,9 +19,11 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models_base
 
+from . import DEFAULT_WEIGHTS
+
 CONTEXT_DIM = 32
 TOKENS = 2
-DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_model.safetensors"
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / DEFAULT_WEIGHTS  # written by ``python -m demo.train``
 META_KEY = "spell_demo"  # safetensors metadata key holding the demo's json metadata
 TOKENS_KEY = "class_tokens"  # tensor key of the prompt table [prompts, TOKENS, CONTEXT_DIM]
 MODEL_TYPES = {

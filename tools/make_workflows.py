@@ -14,6 +14,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from demo import DEFAULT_WEIGHTS
 from demo.example_inputs import PROTECTED_FOLDER  # written into ComfyUI's input folder by the pack on its first start
 from tools import comfy_host
 from tools.workflow import has_control_widget, widget_inputs
@@ -21,7 +22,7 @@ from tools.workflow import has_control_widget, widget_inputs
 OUT = comfy_host.PACK_DIR / "example_workflows"
 
 COMMON = {
-    1: ("SpellDemoModelLoader", {"weights": "demo_model.safetensors"}, {}),
+    1: ("SpellDemoModelLoader", {"weights": DEFAULT_WEIGHTS}, {}),
     2: ("SpellDemoClassPrompt", {"prompt": "any digit"}, {"prompts": (1, 2)}),
     3: ("SpellDemoClassPrompt", {"prompt": "(empty)"}, {"prompts": (1, 2)}),
     4: ("EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 8}, {}),

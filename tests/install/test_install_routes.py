@@ -41,7 +41,8 @@ NOT_SHIPPED = ("tests/", "docs/", "benchmarks/", "scripts/", "tools/", ".ci/", "
                "demo/weights/demo_feature_net.safetensors")
 SHIPPED = ("__init__.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE",
            "demo/__init__.py", "demo/model.py", "demo/data.py", "demo/example_inputs.py",
-           "demo/weights/demo_model.safetensors", "demo/weights/demo_digits.safetensors",
+           "demo/weights/demo_model.safetensors", "demo/weights/demo_model_6000.safetensors",
+           "demo/weights/demo_digits.safetensors",
            "demo/weights/demo_fair_digits.safetensors")
 SHIPPED_TREES = ("nodes/", "spell_core/", "web/", "example_workflows/")  # every tracked file under these
 
