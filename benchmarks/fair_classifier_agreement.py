@@ -14,11 +14,15 @@ Classifier Trainer) this measures on ``--images`` base and LoRA images ("any dig
 Variants: the shipped recipe (training split, adversarial robustness 0.1); robustness 0 and 0.2; the training
 split plus ``--generated`` of the demo model's own images per single-digit prompt, labelled by their prompt
 (``demo.train_fair_lora --generated``: stock KSampler + VAE Decode, as a user makes them); the mean probability
-of 4 classifiers of the shipped recipe (seeds 0-3).
+of 4 classifiers of the robustness-0.1 recipe (seeds 0-3); ensembles of 4 (SPELL Latent Classifier Trainer's
+``members``, the mean probability of seeds 0-3, ``spell_core.finetune.ClassifierEnsemble``) at robustness 0.15 and
+0.2 (0.2: the demo LoRA's since stop 32). ``--only NAME`` (repeatable) measures only those variants.
 
     .venv/bin/python -m benchmarks.fair_classifier_agreement [--lora demo_fair_digits] [--images 1000]
     .venv/bin/python -m benchmarks.fair_classifier_agreement --weights demo_model_6000.safetensors --no-lora \
         --out docs/fairness/classifier_agreement_demo_model_6000     # another demo model file, its base images only
+    .venv/bin/python -m benchmarks.fair_classifier_agreement --no-lora --only "ensemble of 4 at robustness 0.2" \
+        --out docs/fairness/classifier_agreement_ensembles
 
 Writes docs/fairness/classifier_agreement.json and .md.
 """
@@ -54,7 +58,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lora", default="demo_fair_digits")
     ap.add_argument("--images", type=int, default=1000, help="base and LoRA images each")
     ap.add_argument("--generated", type=int, default=100, help="generated images per digit prompt of that variant")
-    ap.add_argument("--weights", default=None, help="demo model file in demo/weights (default: the shipped one)")
+    ap.add_argument("--weights", default=None, help="demo model file in demo/weights (default: SPELL Demo Model "
+                    "Loader's)")
+    ap.add_argument("--only", action="append", default=None, help="measure only this variant (repeatable; names as "
+                    "in the report)")
     ap.add_argument("--no-lora", dest="lora_images", action="store_false",
                     help="base images only (a LoRA trained on one demo model means nothing on another)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "fairness" / "classifier_agreement"))
@@ -100,8 +107,8 @@ def main(argv=None) -> int:
                                "confidence_below_0.8": round(float((conf < 0.8).double().mean()), 4),
                                "confidence_below_0.95": round(float((conf < 0.95).double().mean()), 4)}
 
-    def classifier(name, robustness=0.1, seed=0, generated=0):  # as demo.train_fair_lora trains it
-        return training_classifier(comfy, model, vae, prompts, robustness, generated, seed, name)[0]
+    def classifier(name, robustness=0.1, seed=0, generated=0, members=1):  # as demo.train_fair_lora trains it
+        return training_classifier(comfy, model, vae, prompts, robustness, generated, seed, name, members)[0]
 
     variants = {
         "shipped recipe (robustness 0.1)": lambda: [classifier("agree_shipped")],
@@ -109,7 +116,14 @@ def main(argv=None) -> int:
         "robustness 0.2": lambda: [classifier("agree_r02", robustness=0.2)],
         f"+ {args.generated} generated per digit prompt": lambda: [classifier("agree_gen", generated=args.generated)],
         "mean of 4 (seeds 0-3)": lambda: [classifier(f"agree_seed{s}", seed=s) for s in range(4)],
+        "ensemble of 4 at robustness 0.15": lambda: [classifier("agree_e4_r015", robustness=0.15, members=4)],
+        "ensemble of 4 at robustness 0.2": lambda: [classifier("agree_e4_r02", robustness=0.2, members=4)],
     }
+    if args.only:
+        unknown = sorted(set(args.only) - set(variants))
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; choose from {list(variants)}")
+        variants = {k: v for k, v in variants.items() if k in args.only}
     for name, make in variants.items():
         t0 = time.time()
         nets = make()

@@ -82,6 +82,7 @@ def main():
     ap.add_argument("--per-digit", type=int, default=64, help="images per single-digit prompt")
     ap.add_argument("--robustness", type=float, default=0.2, help="the robustness the LoRA's training classifier "
                     "was trained with (demo.train_fair_lora --robustness), to retrain the same one for the agreement")
+    ap.add_argument("--members", type=int, default=1, help="the --members of demo.train_fair_lora, likewise")
     ap.add_argument("--generated", type=int, default=0, help="the --generated of demo.train_fair_lora (its "
                     "classifier's generated examples per digit prompt), likewise")
     ap.add_argument("--weights", default=None, help="the demo model file in demo/weights the LoRA was trained on "
@@ -114,7 +115,8 @@ def main():
     # measure how often it agrees with the judge: a LoRA that fools it more than it changes digits lowers this
     from demo.train_fair_lora import training_classifier
 
-    steer = training_classifier(comfy, model, vae, prompts, args.robustness, args.generated, name="eval_steer")[0]
+    steer = training_classifier(comfy, model, vae, prompts, args.robustness, args.generated, name="eval_steer",
+                                members=args.members)[0]
 
     def sample(m, batch, seed, cond=pos):
         return comfy.common_ksampler(m, seed, 20, 4.0, "euler", "normal", cond, neg,
@@ -139,7 +141,7 @@ def main():
                 "max_points_off": float(100 * (f - p).abs().max()), "precision": q["precision"],
                 "recall": q["recall"], "frechet": metrics.frechet_distance(real, feats)}
 
-    results = {"lora": args.lora, "target": args.target, "images": args.images, "robustness": args.robustness,
+    results = {"lora": args.lora, "target": args.target, "images": args.images, "robustness": args.robustness, "members": args.members,
                "generated": args.generated,
                "methods": {}}
 

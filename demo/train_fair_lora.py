@@ -49,10 +49,11 @@ def generated_examples(comfy, model, vae, prompts, per_class: int, seed: int = 7
 
 
 def training_classifier(comfy, model, vae, prompts, robustness: float, generated: int = 0, seed: int = 0,
-                        name: str = "demo_digits"):
+                        name: str = "demo_digits", members: int = 1):
     """The latent classifier the fair LoRA steers by, through SPELL Latent Classifier Trainer: the demo's whole
     training split (140 per digit) and, with ``generated`` > 0, that many of the demo model's own images per
-    single-digit prompt, labelled by their prompt. benchmarks.fair_lora_eval retrains it the same way."""
+    single-digit prompt, labelled by their prompt; ``members`` > 1: an ensemble of that many (seeds seed, seed + 1,
+    ...). benchmarks.fair_lora_eval retrains it the same way."""
     import torch
 
     nodes = comfy.NODE_CLASS_MAPPINGS
@@ -61,7 +62,8 @@ def training_classifier(comfy, model, vae, prompts, robustness: float, generated
         more, more_labels = generated_examples(comfy, model, vae, prompts, generated)
         images, labels = torch.cat([images, more]), labels + ", " + more_labels
     return nodes["SpellLatentClassifierTrainer"]().train(
-        model, vae, "(none)", name, 64, 64, 40, 0.2, seed, True, images, labels, robustness=robustness)["result"]
+        model, vae, "(none)", name, 64, 64, 40, 0.2, seed, True, images, labels, robustness=robustness,
+        members=members)["result"]
 
 
 def main(argv=None) -> int:
@@ -88,6 +90,8 @@ def main(argv=None) -> int:
                          "of the validation with the lowest bias")
     ap.add_argument("--robustness", type=float, default=0.2,
                     help="adversarial training radius of the latent classifier (the classifier trainer's robustness)")
+    ap.add_argument("--members", type=int, default=1, help="classifiers in the training classifier's ensemble "
+                    "(the classifier trainer's members; 1: one network)")
     ap.add_argument("--generated", type=int, default=0,
                     help="the demo model's own images per single-digit prompt added to the classifier's examples, "
                          "labelled by their prompt (0: the training split alone)")
@@ -122,7 +126,8 @@ def main(argv=None) -> int:
     nodes = comfy.NODE_CLASS_MAPPINGS
     t0 = time.perf_counter()
     model, vae, prompts = nodes["SpellDemoModelLoader"]().load(*([args.weights] if args.weights else []))
-    clf, clf_report = training_classifier(comfy, model, vae, prompts, args.robustness, args.generated, args.seed)
+    clf, clf_report = training_classifier(comfy, model, vae, prompts, args.robustness, args.generated, args.seed,
+                                          members=args.members)
     print(clf_report, file=sys.stderr, flush=True)
     encode = nodes["SpellDemoClassPrompt"]().encode
     pos, neg = encode(prompts, "any digit")[0], encode(prompts, "(empty)")[0]

@@ -103,12 +103,16 @@ class SpellLatentClassifierTrainer:
                 "robustness": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip":
                     "Adversarial training radius (RMS change per latent value, in standard deviations; 0: off). "
                     "A robust classifier is harder to move without changing the attribute, so the LoRA trained "
-                    "through it fools it less (the demo's fair LoRA: 0.1). About 3x this node's training time."}),
+                    "through it fools it less (the demo's fair LoRA: 0.2). About 3x this node's training time."}),
+                "members": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip":
+                    "How many classifiers to train (seeds seed, seed + 1, ...) and read as one, by their mean class "
+                    "probability. The LoRA trained through an ensemble can only move its reading by moving every "
+                    "member's, so patterns that fool one network count less. Training time grows in proportion."}),
             },
         }
 
     def train(self, model, vae, folder, name, width, height, epochs, held_out, seed, overwrite, images=None,
-              labels=None, robustness=0.0):
+              labels=None, robustness=0.0, members=1):
         check_numbers(self.NODE_ID, held_out=held_out, robustness=robustness)
         check_name(self.NODE_ID, name, "name")
         path = file_in(self.NODE_ID, CLASSIFIERS, f"{name}.safetensors", "classifier file")
@@ -122,7 +126,8 @@ class SpellLatentClassifierTrainer:
         latents = latents_of(model, vae, pixels)
         bar = comfy.utils.ProgressBar(epochs * (2 if held_out > 0 else 1))
         net = train_classifier(latents, y, classes, epochs=epochs, held_out=held_out, seed=seed,
-                               progress=lambda d, t: bar.update_absolute(d, t), robustness=robustness)
+                               progress=lambda d, t: bar.update_absolute(d, t), robustness=robustness,
+                               members=members)
         net.meta.update(width=width, height=height)
         path.parent.mkdir(parents=True, exist_ok=True)
         net.save(path)
@@ -130,6 +135,7 @@ class SpellLatentClassifierTrainer:
         report = (f"saved models/{CLASSIFIERS}/{path.name}: classes {', '.join(classes)}; {len(y)} examples, latent "
                   f"shape {tuple(latents.shape[1:])}; held-out accuracy "
                   + (f"{acc:.3f} on {net.meta['held_out']}" if acc is not None else "not measured (held_out 0)")
+                  + (f" (mean of {members} members)" if members > 1 and acc is not None else "")
                   + (f", {net.meta['held_out_attacked_accuracy']:.3f} attacked at robustness {robustness:g}"
                      if "held_out_attacked_accuracy" in net.meta else ""))
         return {"ui": {"text": [report]}, "result": (net, report)}

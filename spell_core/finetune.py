@@ -314,17 +314,62 @@ class LatentClassifier(nn.Module):
                                     "meta": json.dumps(self.meta)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LatentClassifier":
+    def load(cls, path: str | os.PathLike) -> "LatentClassifier | ClassifierEnsemble":
+        """A file written by ``save`` (one network) or ``ClassifierEnsemble.save`` (header ``members`` > 1)."""
         tensors, header = read_safetensors(path)
         if header.get("format") != CLASSIFIER_FORMAT:
             raise StorageError(f"{path} is not a SPELL latent classifier (format {header.get('format')!r})")
         try:
-            net = cls(int(header["channels"]), json.loads(header["classes"]), int(header["width"]))
-            net.load_state_dict(tensors)
+            members = int(header.get("members", "1"))
+            shape = int(header["channels"]), json.loads(header["classes"]), int(header["width"])
+            if members > 1:
+                nets = []
+                for j in range(members):
+                    prefix = f"members.{j}."
+                    net = cls(*shape)
+                    net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+                    nets.append(net)
+                if len(tensors) != members * len(nets[0].state_dict()):
+                    raise ValueError(f"{len(tensors)} tensors for {members} members")
+                net = ClassifierEnsemble(nets)
+            else:
+                net = cls(*shape)
+                net.load_state_dict(tensors)
             net.meta = json.loads(header.get("meta", "{}"))
         except (KeyError, ValueError, RuntimeError) as e:
             raise StorageError(f"{path} is a damaged SPELL latent classifier ({e})") from e
         return net.eval()
+
+
+class ClassifierEnsemble(nn.Module):
+    """Several LatentClassifiers (trained from different seeds) read as one: its logits are the log of the members'
+    mean class probability, so its softmax is that mean and the cross-entropy toward a label is −log of the mean
+    probability of that label. A LoRA trained through it moves its reading only by moving every member's, so
+    patterns that fool one network and not the others count for 1/M of what they would alone."""
+
+    def __init__(self, nets: Sequence[LatentClassifier]):
+        super().__init__()
+        nets = list(nets)
+        if len(nets) < 2:
+            raise ValueError(f"an ensemble needs at least 2 classifiers, got {len(nets)}")
+        first = nets[0]
+        for net in nets[1:]:
+            if (net.classes, net.channels, net.width) != (first.classes, first.channels, first.width):
+                raise ValueError("the members of an ensemble must share classes, channels and width")
+        self.nets = nn.ModuleList(nets)
+        self.classes, self.channels, self.width = list(first.classes), first.channels, first.width
+        self.meta: dict = {}
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        logp = torch.stack([F.log_softmax(net(z), dim=1) for net in self.nets])
+        return torch.logsumexp(logp, dim=0) - math.log(len(self.nets))
+
+    def save(self, path: str | os.PathLike) -> None:
+        tensors = {f"members.{j}.{k}": v.detach().float().contiguous().clone()
+                   for j, net in enumerate(self.nets) for k, v in net.state_dict().items()}
+        atomic_save(tensors, path, {"format": CLASSIFIER_FORMAT, "classes": json.dumps(self.classes),
+                                    "channels": str(self.channels), "width": str(self.width),
+                                    "members": str(len(self.nets)), "meta": json.dumps(self.meta)})
 
 
 def adversarial_inputs(net: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float, steps: int = 3) -> torch.Tensor:
@@ -352,11 +397,29 @@ def adversarial_inputs(net: nn.Module, x: torch.Tensor, y: torch.Tensor, radius:
 
 def train_classifier(latents: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], epochs: int = 60,
                      held_out: float = 0.2, seed: int = 0, noise: float = 0.05, progress=None,
-                     robustness: float = 0.0) -> LatentClassifier:
+                     robustness: float = 0.0, members: int = 1) -> LatentClassifier | ClassifierEnsemble:
     """Trains a LatentClassifier on latents [N, C, h, w] with labels [N] (AdamW, batches of 64, small Gaussian
     noise on the inputs); held-out accuracy (held_out of each class) in .meta, then refitted on every example.
     robustness > 0: adversarial training, each batch replaced by ``adversarial_inputs`` at that radius (the
-    held-out accuracy is measured on the clean examples, and on examples attacked at the same radius)."""
+    held-out accuracy is measured on the clean examples, and on examples attacked at the same radius).
+    members > 1: that many classifiers from seeds seed, seed + 1, ... as a ``ClassifierEnsemble``; its .meta
+    holds each member's meta and the mean of their held-out accuracies (each measured on its own split)."""
+    if members > 1:
+        nets = []
+        for j in range(members):
+            step = (lambda d, t, j=j: progress(j * t + d, members * t)) if progress is not None else None
+            nets.append(train_classifier(latents, labels, classes, epochs, held_out, seed + j, noise, step,
+                                         robustness))
+        ensemble = ClassifierEnsemble(nets)
+        ensemble.meta = {"members": [net.meta for net in nets], "seed": seed, "robustness": robustness}
+        for key in ("examples", "held_out", "epochs"):
+            ensemble.meta[key] = nets[0].meta[key]
+        for key in ("held_out_accuracy", "held_out_attacked_accuracy"):
+            if all(key in net.meta for net in nets):
+                ensemble.meta[key] = sum(net.meta[key] for net in nets) / members
+        return ensemble.eval()
+    if members < 1:
+        raise ValueError(f"members must be >= 1, got {members}")
     from .fairness import split_held_out
 
     with torch.inference_mode(False), torch.enable_grad():

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spell_core.fairness import assign
-from spell_core.finetune import (FairLoRAConfig, FairLoRATask, FairTrainer, LatentClassifier, LoRA, alignment_loss,
-                                 adversarial_inputs, alignment_targets, attention_linears, class_references,
+from spell_core.finetune import (ClassifierEnsemble, FairLoRAConfig, FairLoRATask, FairTrainer, LatentClassifier,
+                                 LoRA, alignment_loss, adversarial_inputs, alignment_targets, attention_linears, class_references,
                                  confident_labels, cosine_distance, dft_scales, sample_chain, scale_grad,
                                  train_classifier)
 
@@ -188,6 +188,53 @@ def test_classifier_learns_saves_and_loads(tmp_path):
     net.save(tmp_path / "c.safetensors")
     back = LatentClassifier.load(tmp_path / "c.safetensors")
     assert back.classes == ["a", "b", "c"] and torch.equal(back(z), net(z))
+
+
+def test_ensemble_reads_the_members_mean_probability_and_round_trips(tmp_path):
+    z, y = separable()
+    ens = train_classifier(z, y, ["a", "b", "c"], epochs=5, seed=3, members=3)
+    assert isinstance(ens, ClassifierEnsemble) and len(ens.nets) == 3
+    assert [m["seed"] for m in ens.meta["members"]] == [3, 4, 5]
+    assert ens.meta["held_out_accuracy"] == pytest.approx(sum(m["held_out_accuracy"] for m in ens.meta["members"]) / 3)
+    with torch.no_grad():
+        mean = torch.stack([net(z).softmax(1) for net in ens.nets]).mean(0)
+        logits = ens(z)
+        assert not torch.allclose(ens.nets[0](z).softmax(1), mean, atol=1e-3)  # the members differ
+        assert torch.allclose(logits.softmax(1), mean, atol=1e-6)
+        assert torch.allclose(logits.exp().sum(1), torch.ones(len(z)), atol=1e-5)  # the log of a distribution
+        # the alignment loss's cross-entropy toward a label is -log of the members' mean probability of it
+        assert F.cross_entropy(logits, y, reduction="none") == pytest.approx(-mean.gather(1, y[:, None])[:, 0].log(),
+                                                                              abs=1e-5)
+    ens.save(tmp_path / "e.safetensors")
+    back = LatentClassifier.load(tmp_path / "e.safetensors")
+    assert isinstance(back, ClassifierEnsemble) and back.classes == ["a", "b", "c"]
+    assert back.meta == ens.meta and torch.equal(back(z), ens(z))
+    single = train_classifier(z, y, ["a", "b", "c"], epochs=2, members=1)
+    assert isinstance(single, LatentClassifier) and not isinstance(single, ClassifierEnsemble)
+
+
+def test_ensemble_refuses_mixed_members_and_a_file_missing_one(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from spell_core.storage import StorageError
+
+    a, b = LatentClassifier(4, ["a", "b"]), LatentClassifier(4, ["a", "c"])
+    with pytest.raises(ValueError, match="share classes"):
+        ClassifierEnsemble([a, b])
+    with pytest.raises(ValueError, match="at least 2"):
+        ClassifierEnsemble([a])
+    with pytest.raises(ValueError, match="members must be >= 1"):
+        train_classifier(*separable(), ["a", "b", "c"], epochs=1, members=0)
+    path = tmp_path / "e.safetensors"
+    ClassifierEnsemble([a, LatentClassifier(4, ["a", "b"])]).save(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("members.1.head")}
+    save_file(tensors, str(path), header)
+    with pytest.raises(StorageError, match="damaged"):
+        LatentClassifier.load(path)
 
 
 def test_adversarial_inputs_stay_in_their_ball_and_raise_the_loss():
