@@ -4,3 +4,8 @@
 # the shipped recipe trained 6000 steps. demo_model.safetensors, the same recipe at 2000 steps, was the default
 # before; it stays for saved workflows that name it (docs/demo_model_quality.md compares the two).
 DEFAULT_WEIGHTS = "demo_model_6000.safetensors"
+# The name under which the pack copies demo/weights/demo_fair_digits.safetensors (the demo's fair LoRA, trained on
+# DEFAULT_WEIGHTS) into models/loras for the spell_fair_lora example; a file of that name already there is never
+# replaced, so a LoRA for another demo model gets another name (the one for demo_model.safetensors was
+# spell_demo_fair_digits.safetensors).
+DEMO_LORA = "spell_demo_fair_digits_6000.safetensors"

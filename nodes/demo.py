@@ -6,8 +6,9 @@ No sampling hook: the model goes into any KSampler like a checkpoint's MODEL.
 On import, a fresh ComfyUI's input folder gets the protected digits the ``spell_protected_set`` example loads
 (``input/spell_protected_digits/``, 24 PNGs), so every shipped template runs right after installing; a folder
 of that name that is already there is never touched. Likewise models/loras gets the demo's fair LoRA
-(``spell_demo_fair_digits.safetensors``, trained by ``python -m demo.train_fair_lora``) that the ``spell_fair_lora``
-example loads with ComfyUI's stock LoraLoaderModelOnly; a file of that name already there is never replaced.
+(``demo.DEMO_LORA``, trained by ``python -m demo.train_fair_lora``) that the ``spell_fair_lora`` example loads with
+ComfyUI's stock LoraLoaderModelOnly; a file of that name already there is never replaced (a LoRA for another demo
+model ships under another name).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import folder_paths
 
 from ..demo.example_inputs import ensure_protected_digits
+from ..demo import DEMO_LORA
 from ..demo.model import DEMO_WEIGHTS, load_demo
 from .common import SpellInputError
 
@@ -37,7 +39,6 @@ def fill_example_inputs() -> None:
         logging.info("SPELL: wrote the example workflows' protected digits to %s", written)
 
 
-DEMO_LORA = "spell_demo_fair_digits.safetensors"  # in models/loras; from demo/weights/demo_fair_digits.safetensors
 
 
 def fill_demo_lora() -> None:

@@ -14,7 +14,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from demo import DEFAULT_WEIGHTS
+from demo import DEFAULT_WEIGHTS, DEMO_LORA
 from demo.example_inputs import PROTECTED_FOLDER  # written into ComfyUI's input folder by the pack on its first start
 from tools import comfy_host
 from tools.workflow import has_control_widget, widget_inputs
@@ -96,7 +96,7 @@ GRAPHS = {
     },
     "spell_fair_lora": {
         **COMMON,
-        5: ("LoraLoaderModelOnly", {"lora_name": "spell_demo_fair_digits.safetensors", "strength_model": 1.0},
+        5: ("LoraLoaderModelOnly", {"lora_name": DEMO_LORA, "strength_model": 1.0},
             {"model": (1, 0)}),
         11: ("KSampler", SAMPLER, {"model": (5, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}),
         12: ("VAEDecode", {}, {"samples": (11, 0), "vae": (1, 1)}),
@@ -148,7 +148,7 @@ NOTES = {
         "the outputs' digits with the target; run it a few times and watch the running shares approach 10 %."),
     "spell_fair_lora": (
         "**SPELL fairness by finetuning: a fair LoRA.** ComfyUI's own LoraLoaderModelOnly loads the demo's fair "
-        "LoRA (models/loras/spell_demo_fair_digits.safetensors, trained by SPELL Fair LoRA Trainer with "
+        "LoRA (models/loras/" + DEMO_LORA + ", trained by SPELL Fair LoRA Trainer with "
         "`python -m demo.train_fair_lora`). Nothing else runs at sampling time: every image of \"any digit\" "
         "is drawn from a model finetuned toward a uniform share of the ten digits, at any batch size.\n\nSet "
         "strength_model to 0 and run again to see the base model's bias (many 1s and 7s)."),
