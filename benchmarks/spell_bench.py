@@ -670,6 +670,8 @@ def main():
     ap.add_argument("--out", default=str(DOCS / "spell_benchmark.md"))
     ap.add_argument("--from-json", help="only rewrite the report and plots from a results.json of an earlier run")
     args = ap.parse_args()
+    out = Path(args.out).resolve()
+    args.out = str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)  # results.json: no machine path
     if args.from_json:
         R = json.loads(Path(args.from_json).read_text())
         R["out"] = args.out
@@ -825,7 +827,7 @@ def finish(R: dict, write_json: bool) -> None:
     ], f"SPELL sparsity, in_batch mutual, r = {P['default_r']}")
 
     md = write_report(R, argparse.Namespace(quick=quick))
-    out = Path(R["out"])
+    out = ROOT / R["out"]  # relative to the repository, or absolute
     out.write_text(md)
     for t in R["targets"]:
         log("TARGET " + t)
