@@ -1,7 +1,8 @@
 """Trains the demo model: ComfyUI's own toy U-Net (``demo.model``, EPS prediction, ComfyUI's discrete
 linear-beta schedule taken from the model's ``model_sampling``) on the training split of scikit-learn's digits
 (``demo.data``: 16x16 grey images as [4, 8, 8] latents in [-1, 1]), class-conditional through a learned prompt
-table, then checks it through ComfyUI's sampler (``demo.verify``). Seeded; the 2000-step model took about 9 minutes on 2 CPU cores.
+table, then checks it through ComfyUI's sampler (``demo.verify``). Seeded; the 2000-step model took about 9 minutes
+on 2 CPU cores.
 
     python -m demo.train      # writes demo/weights/demo_model_6000.safetensors, the pack's default demo model
     python -m demo.train --steps 2000 --out demo/weights/demo_model.safetensors   # the default before (rougher)
@@ -138,7 +139,8 @@ def main() -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=STEPS, help=f"training steps (default {STEPS}, the default demo model)")
+    ap.add_argument("--steps", type=int, default=STEPS,
+                    help=f"training steps (default {STEPS}, the default demo model)")
     ap.add_argument("--out", help="weights file (default demo/weights/demo_model_6000.safetensors)")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -10,8 +10,8 @@ Writes demo/weights/<out>.safetensors (the LoRA the example workflow loads with 
 pack copies it into models/loras on start), docs/fairness/<out>.training.json (settings, losses, gradient norms,
 validation bias) and docs/fairness/<out>.png (the training chart). The classifier is the pack's latent CNN,
 trained on the demo's training split, adversarially at --robustness 0.2 (the demo LoRA on demo_model_6000; 0.1 made
-the LoRA shipped for demo_model.safetensors, 0 the one before it: docs/fairness_finetune.md); the demo's evaluator (decoded pixels, another network) stays the judge in
-``benchmarks/fair_lora_eval.py``.
+the LoRA shipped for demo_model.safetensors, 0 the one before it: docs/fairness_finetune.md); the demo's evaluator
+(decoded pixels, another network) stays the judge in ``benchmarks/fair_lora_eval.py``.
 """
 from __future__ import annotations
 

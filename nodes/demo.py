@@ -39,8 +39,6 @@ def fill_example_inputs() -> None:
         logging.info("SPELL: wrote the example workflows' protected digits to %s", written)
 
 
-
-
 def fill_demo_lora() -> None:
     source = WEIGHTS_DIR / "demo_fair_digits.safetensors"
     try:

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from spell_core.fairness import assign
 from spell_core.finetune import (ClassifierEnsemble, FairLoRAConfig, FairLoRATask, FairTrainer, LatentClassifier,
-                                 LoRA, alignment_loss, adversarial_inputs, alignment_targets, attention_linears, class_references,
-                                 confident_labels, cosine_distance, dft_scales, sample_chain, scale_grad,
-                                 train_classifier)
+                                 LoRA, adversarial_inputs, alignment_loss, alignment_targets, attention_linears,
+                                 class_references, confident_labels, cosine_distance, dft_scales, sample_chain,
+                                 scale_grad, train_classifier)
 
 
 def monte_carlo(p, target, draws, seed=0):
