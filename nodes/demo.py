@@ -19,12 +19,11 @@ from pathlib import Path
 import folder_paths
 
 from ..demo.example_inputs import ensure_protected_digits
-from ..demo import DEMO_LORA
-from ..demo.model import DEMO_WEIGHTS, load_demo
+from ..demo import DEFAULT_WEIGHTS, DEMO_LORA
+from ..demo.model import load_demo
 from .common import SpellInputError
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "demo" / "weights"
-DEFAULT_WEIGHTS = DEMO_WEIGHTS.name
 PROMPT_CHOICES = [str(d) for d in range(10)] + ["any digit", "(empty)"]
 
 
