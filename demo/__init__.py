@@ -6,6 +6,7 @@
 DEFAULT_WEIGHTS = "demo_model_6000.safetensors"
 # The name under which the pack copies demo/weights/demo_fair_digits.safetensors (the demo's fair LoRA, trained on
 # DEFAULT_WEIGHTS) into models/loras for the spell_fair_lora example; a file of that name already there is never
-# replaced, so a LoRA for another demo model gets another name (the one for demo_model.safetensors was
-# spell_demo_fair_digits.safetensors).
-DEMO_LORA = "spell_demo_fair_digits_6000.safetensors"
+# replaced, so a new LoRA gets a new name: spell_demo_fair_digits.safetensors was the one for demo_model.safetensors,
+# spell_demo_fair_digits_6000.safetensors the paper-method LoRA for DEFAULT_WEIGHTS (stop 32), this one is made by
+# the resampled method (stop 33, docs/fairness_finetune.md).
+DEMO_LORA = "spell_demo_fair_digits_6000_resampled.safetensors"

@@ -1,17 +1,24 @@
-"""Trains the demo's fair LoRA: "any digit" (which the demo model draws with 24 % ones and 22 % sevens) toward a
-uniform share of the ten digits, through the pack's own nodes in a headless ComfyUI (SPELL Latent Classifier
-Trainer on the demo's training digits, then SPELL Fair LoRA Trainer with the ten single-digit prompts kept and, as
-its class_prompts, the references of images moved to another digit; each batch assigned with the 180 images before
-it).
+"""Trains the demo's fair LoRA: "any digit" (which the demo model draws with about 32 % ones and 21 % sevens)
+toward a uniform share of the ten digits, through the pack's own nodes in a headless ComfyUI: SPELL Latent
+Classifier Trainer on the demo's training digits, then SPELL Fair LoRA Trainer with the ten single-digit prompts
+kept.
 
-    .venv/bin/python -m demo.train_fair_lora [--iterations 600] [--robustness 0.2] [--target "1: 0.3, ..."] [--out NAME]
+    .venv/bin/python -m demo.train_fair_lora [--method resampled|alignment] [--target "1: 0.3, ..."] [--out NAME]
 
-Writes demo/weights/<out>.safetensors (the LoRA the example workflow loads with stock LoraLoaderModelOnly; the
-pack copies it into models/loras on start), docs/fairness/<out>.training.json (settings, losses, gradient norms,
-validation bias) and docs/fairness/<out>.png (the training chart). The classifier is the pack's latent CNN,
-trained on the demo's training split, adversarially at --robustness 0.2 (the demo LoRA on demo_model_6000; 0.1 made
-the LoRA shipped for demo_model.safetensors, 0 the one before it: docs/fairness_finetune.md); the demo's evaluator
-(decoded pixels, another network) stays the judge in ``benchmarks/fair_lora_eval.py``.
+--method resampled (the default; the demo LoRA since stop 33): the trainer draws 4000 images of "any digit" with
+the frozen model, weights each by the digit the classifier reads in it so that the digits follow the target, and
+trains the LoRA with the model's own denoising loss on them, correcting the weights 3 times from the LoRA's own
+images (1200 iterations of 64; only images the classifier reads with confidence ≥ 0.95; classifier robustness 0,
+as nothing is optimised against it). --method alignment:
+the paper's distributional alignment loss through the sampling chain (600 iterations of 20, classifier robustness
+0.2, the single-digit prompts also as class_prompts, each batch assigned with the 180 images before it; the demo
+LoRA of stop 32). Each flag's default follows the method (METHOD_DEFAULTS).
+
+Writes demo/weights/<out>.safetensors (the LoRA the example workflow loads with stock LoraLoaderModelOnly once it is
+copied to demo_fair_digits.safetensors; the pack copies that into models/loras on start),
+docs/fairness/<out>.training.json (settings, losses, gradient norms, validation bias, the corrections) and
+docs/fairness/<out>.png (the training chart). The demo's evaluator (decoded pixels, another network) stays the judge
+in ``benchmarks/fair_lora_eval.py``.
 """
 from __future__ import annotations
 
@@ -27,6 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 UNIFORM = ", ".join(f"{d}: 0.1" for d in range(10))
+# flag: (resampled own images, distributional alignment): each method's recipe measured best on demo_model_6000
+METHOD_DEFAULTS = {"iterations": (1200, 600), "learning_rate": (2e-3, 1e-3), "batch": (64, 20),
+                   "preservation": (1.0, 8.0), "ema_warmup": (True, False), "robustness": (0.0, 0.2),
+                   "confidence": (0.95, 0.8)}
 
 
 def generated_examples(comfy, model, vae, prompts, per_class: int, seed: int = 7_000_000):
@@ -68,7 +79,10 @@ def training_classifier(comfy, model, vae, prompts, robustness: float, generated
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--iterations", type=int, default=600)
+    ap.add_argument("--method", default="resampled", choices=("resampled", "alignment"),
+                    help="resampled own images (the demo LoRA since stop 33) or the paper's distributional alignment "
+                         "(the node's method input); the defaults of the flags below follow it")
+    ap.add_argument("--iterations", type=int, default=None, help="default: 1200 resampled, 600 alignment")
     ap.add_argument("--target", default=UNIFORM)
     ap.add_argument("--out", default="demo_fair_digits")
     ap.add_argument("--weights", default=None, help="the demo model file in demo/weights to finetune (default: "
@@ -76,20 +90,28 @@ def main(argv=None) -> int:
     ap.add_argument("--gradient", default="adjusted", choices=("adjusted", "naive"),
                     help="the paper's adjusted DFT (the node's default; with class references it reaches the lower "
                          "loss on the demo) or naive, the exact gradient")
-    ap.add_argument("--learning-rate", type=float, default=1e-3)
-    ap.add_argument("--batch", type=int, default=20, help="images of one prompt per iteration")
+    ap.add_argument("--learning-rate", type=float, default=None, help="default: 2e-3 resampled, 1e-3 alignment")
+    ap.add_argument("--batch", type=int, default=None, help="images per iteration (default: 64 resampled, 20 "
+                    "alignment)")
+    ap.add_argument("--own-images", type=int, default=4000, help="resampled: the frozen model's images to weight")
+    ap.add_argument("--confidence", type=float, default=None, help="the node's confidence (the paper's C; default: "
+                    "0.95 resampled, 0.8 alignment)")
+    ap.add_argument("--rounds", type=int, default=4, help="resampled: weight corrections + 1 (the node's rounds)")
     ap.add_argument("--draw", default="stratified", choices=("stratified", "iid", "carried"),
                     help="target labels of a batch (the node's draw input)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--preservation", type=float, default=8.0, help="weight of the semantics preservation loss")
-    ap.add_argument("--ema-warmup", action="store_true", help="warm the EMA up (the node's ema_warmup)")
+    ap.add_argument("--preservation", type=float, default=None, help="weight of the preservation loss (default: 1 "
+                    "resampled, on the kept prompts' denoising error; 8 alignment, on 1 - cosine)")
+    ap.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+                    help="warm the EMA up (the node's ema_warmup; default: on resampled, off alignment)")
     ap.add_argument("--validation-seeds", type=int, default=64,
                     help="images each validation counts (the node's validation_seeds)")
     ap.add_argument("--result", default="last", choices=("last", "lowest validation bias"),
                     help="which EMA weights the LoRA file holds (the node's result): the last iteration's, or those "
                          "of the validation with the lowest bias")
-    ap.add_argument("--robustness", type=float, default=0.2,
-                    help="adversarial training radius of the latent classifier (the classifier trainer's robustness)")
+    ap.add_argument("--robustness", type=float, default=None,
+                    help="adversarial training radius of the latent classifier (the classifier trainer's robustness; "
+                         "default: 0 resampled, where nothing is optimised against it; 0.2 alignment)")
     ap.add_argument("--members", type=int, default=1, help="classifiers in the training classifier's ensemble "
                     "(the classifier trainer's members; 1: one network)")
     ap.add_argument("--generated", type=int, default=0,
@@ -97,11 +119,14 @@ def main(argv=None) -> int:
                          "labelled by their prompt (0: the training split alone)")
     ap.add_argument("--no-keep", action="store_true", help="train without the single-digit prompts kept")
     ap.add_argument("--class-reference", action=argparse.BooleanOptionalAction, default=True,
-                    help="connect the ten single-digit prompts as class_prompts (reference of a moved image: the "
+                    help="alignment: connect the ten single-digit prompts as class_prompts (reference of a moved image: the "
                          "frozen model's image of its new digit's prompt); --no-class-reference: the paper's rule")
     ap.add_argument("--pool", type=int, default=180,
                     help="recent images assigned with each batch (the node's pool; 0: each batch alone)")
     args = ap.parse_args(argv)
+    for key, (resampled, alignment) in METHOD_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, resampled if args.method == "resampled" else alignment)
     import torch
 
     torch.set_num_threads(2)
@@ -134,11 +159,15 @@ def main(argv=None) -> int:
     digits = [entry for d in range(10) for entry in encode(prompts, str(d))[0]]
     keep = None if args.no_keep else digits
     result = nodes["SpellFairLoRATrainer"]().train(
-        model, pos, neg, clf, args.target, args.out, args.iterations, args.batch, 6, 4.0, 8, args.learning_rate,
+        model, pos, neg, clf, args.target, args.out, args.iterations, args.batch, 10 if args.method == "resampled" else 6, 4.0, 8,
+        args.learning_rate,
         args.seed, False, 50, keep=keep, gradient=args.gradient, draw=args.draw,
         preservation=args.preservation, ema_warmup=args.ema_warmup,
-        class_prompts=digits if args.class_reference else None, pool=args.pool, result=args.result,
-        validation_seeds=args.validation_seeds)["result"]
+        class_prompts=digits if args.class_reference and args.method == "alignment" else None,
+        pool=args.pool if args.method == "alignment" else 0, result=args.result,
+        validation_seeds=args.validation_seeds,
+        method="resampled own images" if args.method == "resampled" else "distributional alignment",
+        own_images=args.own_images, rounds=args.rounds, confidence=args.confidence)["result"]
     seconds = time.perf_counter() - t0
     print(result[1], file=sys.stderr)
     loras = Path(folder_paths.get_folder_paths("loras")[0])

@@ -35,12 +35,14 @@ from ..spell_core.fairness import bias, parse_target
 from ..spell_core.finetune import (DRAWS, GRADIENTS, FairLoRAConfig, FairLoRATask, FairTrainer, LatentClassifier,
                                    LoRA, attention_linears, sample_chain, train_classifier, write_log)
 from ..spell_core.paths import PathRefused, contained
+from ..spell_core.resampled import ResampledTrainer, start_resampled
 from ..spell_core.storage import StorageError, atomic_save
 from .common import SpellInputError, check_numbers, file_state, user_folder
 from .fairness import NONE, check_name, check_unet, class_folders, labelled_examples, ordered_classes
 from .report import image_batch
 
 CLASSIFIERS = "spell_classifiers"
+METHOD_NAMES = {"distributional alignment": "alignment", "resampled own images": "resampled"}
 RESULTS = ("last", "lowest validation bias")  # which EMA weights SPELL Fair LoRA Trainer writes
 if CLASSIFIERS not in folder_paths.folder_names_and_paths:
     folder_paths.folder_names_and_paths[CLASSIFIERS] = ([os.path.join(folder_paths.models_dir, CLASSIFIERS)],
@@ -208,11 +210,12 @@ class ComfyDenoiser:
         self.dtype = model.model.get_dtype()
 
     def __call__(self, prompt: torch.Tensor, lora_on: bool):
-        def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        def denoise(x: torch.Tensor, sigma) -> torch.Tensor:  # sigma: one σ, or one per image [B]
             self.lora.enabled = lora_on
             b = x.shape[0]
             both = torch.cat([x, x]).to(self.device)
-            sig = torch.full((2 * b,), sigma, device=self.device)
+            s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(b)
+            sig = torch.cat([s, s]).to(self.device)
             cond = torch.cat([prompt.expand(b, -1, -1), self.negative.expand(b, -1, -1)]).to(self.device, self.dtype)
             out = self.base.apply_model(both, sig, c_crossattn=cond).float()
             pos, neg = out.chunk(2)
@@ -229,6 +232,12 @@ def training_files(node_id: str, name: str):
     except PathRefused as e:
         raise SpellInputError(node_id, f"{e}.") from e
     return lora, log_file, checkpoint
+
+
+def drawn(bar, done: int, total: int) -> None:
+    """Progress of drawing the resampled method's images; Cancel stops it (nothing is kept yet)."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    bar.update_absolute(done, total)
 
 
 class SpellFairLoRATrainer:
@@ -306,6 +315,24 @@ class SpellFairLoRATrainer:
                     "Which weights the LoRA file holds: the EMA weights at the last iteration, or those of the "
                     "validation (every checkpoint_every iterations, validation_seeds fixed seeds, through the "
                     "classifier) with the lowest bias: a run that goes past its best is then written at its best."}),
+                "method": (list(METHOD_NAMES), {"default": "distributional alignment", "tooltip":
+                    "distributional alignment: the paper's loss through the sampling chain and the classifier. "
+                    "resampled own images: draws own_images images of the prompt with the frozen model, weights "
+                    "each by the class the classifier reads in it so that the classes follow the target, and trains "
+                    "the LoRA with the model's own denoising loss on them (one prompt; draw, gradient, pool and "
+                    "class_prompts do not apply). Nothing is optimised against the classifier, so the LoRA cannot "
+                    "fool it; on the demo it gives the lower bias (docs/fairness_finetune.md)."}),
+                "own_images": ("INT", {"default": 4000, "min": 10, "max": 1000000, "tooltip":
+                    "resampled: the frozen model's images of the prompt to weight and learn (drawn in 2 x steps "
+                    "steps); the rarest class needs enough confident ones."}),
+                "rounds": ("INT", {"default": 4, "min": 1, "max": 100, "tooltip":
+                    "resampled: between rounds, own_images / 4 images of the LoRA are classified and each class's "
+                    "weight multiplied by target / share (at most x2 a round), so what the LoRA under-learns is "
+                    "asked for more. 1: the weights stay."}),
+                "confidence": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                    "The confidence C (the paper's 0.8). alignment: only images whose assigned label is at least this "
+                    "sure are pushed; resampled: only images the classifier reads with at least this probability "
+                    "are learned (higher keeps the clearer images of each class)."}),
                 "validation_seeds": ("INT", {"default": 64, "min": 8, "max": 4096, "tooltip":
                     "Images of the prompt (fixed seeds) each validation counts. 64 labels drawn from a uniform "
                     "10-class target themselves give a bias of about 0.044: more seeds tell smaller differences "
@@ -316,12 +343,17 @@ class SpellFairLoRATrainer:
     def train(self, model, positive, negative, classifier, target, name, iterations, batch_size, steps, cfg, rank,
               learning_rate, seed, resume, checkpoint_every, keep=None, draw="stratified", gradient="adjusted",
               preservation=8.0, ema_warmup=False, class_prompts=None, pool=0, result="last",
-              validation_seeds=64):
+              validation_seeds=64, method="distributional alignment", own_images=4000, rounds=4,
+              confidence=0.8):
+        if method not in METHOD_NAMES:
+            raise SpellInputError(self.NODE_ID, f"method must be one of {', '.join(METHOD_NAMES)}, got {method!r}.")
+        resampled = METHOD_NAMES[method] == "resampled"
         if not 8 <= int(validation_seeds) <= 4096:
             raise SpellInputError(self.NODE_ID, f"validation_seeds must be between 8 and 4096, got {validation_seeds}.")
         if result not in RESULTS:
             raise SpellInputError(self.NODE_ID, f"result must be one of {', '.join(RESULTS)}, got {result!r}.")
-        check_numbers(self.NODE_ID, cfg=cfg, learning_rate=learning_rate, preservation=preservation)
+        check_numbers(self.NODE_ID, cfg=cfg, learning_rate=learning_rate, preservation=preservation,
+                      confidence=confidence)
         check_unet(self.NODE_ID, model)
         if getattr(model.model, "adm_channels", 0):
             raise SpellInputError(self.NODE_ID, "this model also takes a pooled text embedding (SDXL-style); the trainer "
@@ -343,7 +375,12 @@ class SpellFairLoRATrainer:
         config = FairLoRAConfig(iterations=iterations, batch=batch_size, steps=(steps, steps + 4), rank=rank,
                                 lr=learning_rate, draw=draw, gradient=gradient, seed=seed,
                                 keep_weight=preservation, ema_warmup=ema_warmup, class_reference=bool(per_class),
-                                pool=pool)
+                                pool=pool, method=METHOD_NAMES[method], own_images=own_images, rounds=rounds,
+                                threshold=confidence)
+        if resampled and len(prompts) != 1:
+            raise SpellInputError(self.NODE_ID, f"method 'resampled own images' trains one prompt; positive holds "
+                                                f"{len(prompts)}. Train one LoRA per prompt, or use distributional "
+                                                f"alignment.")
         try:
             config.check()
         except ValueError as e:
@@ -361,9 +398,21 @@ class SpellFairLoRATrainer:
                                                                    *self.latent_size(model, classifier)),
             classify=lambda z: classifier(z.to(next(classifier.parameters()).device)).cpu(),
             target=q, prompts=prompts, keep=kept, class_prompts=per_class)
-        trainer = FairTrainer(task, lora, config)
+        can_resume = resume and ckpt_path.is_file()
+        if not resampled:
+            trainer = FairTrainer(task, lora, config)
+        elif can_resume:  # the checkpoint holds the drawn images and their weights
+            trainer = ResampledTrainer(task, lora, config, torch.zeros(1, *task.shape), torch.zeros(1),
+                                       torch.ones(1), torch.zeros(len(kept), 1, *task.shape) if kept else None)
+        else:
+            drawing = comfy.utils.ProgressBar(own_images + 64 * len(kept))
+            try:
+                with torch.inference_mode(False):
+                    trainer = start_resampled(task, lora, config, 2 * steps, progress=lambda done, total: drawn(drawing, done, total))
+            except ValueError as e:
+                raise SpellInputError(self.NODE_ID, f"{e}.") from e
         resumed = 0
-        if resume and ckpt_path.is_file():
+        if can_resume:
             try:
                 extra = trainer.load_checkpoint(ckpt_path)
             except StorageError as e:
@@ -385,13 +434,19 @@ class SpellFairLoRATrainer:
                 while trainer.iteration < iterations:
                     comfy.model_management.throw_exception_if_processing_interrupted()
                     row = trainer.step()
+                    if resampled and trainer.round_due():
+                        share = trainer.probe(max(64, own_images // 4), 2 * steps, 20_000 + seed)
+                        trainer.correct(share)
+                        log.info("%s: round %d at iteration %d: the LoRA's shares %s", self.NODE_ID,
+                                 len(trainer.rounds), trainer.iteration, [round(x, 3) for x in share.tolist()])
                     if trainer.iteration % checkpoint_every == 0 or trainer.iteration == iterations:
                         self.validate(trainer, task, val_noise, steps)
                         trainer.save_checkpoint(ckpt_path, extra)
                     bar.update_absolute(trainer.iteration, iterations)
                     if trainer.iteration % 10 == 0:
-                        log.info("%s: iteration %d/%d, loss %.4f, alignment %.4f", self.NODE_ID, trainer.iteration,
-                                 iterations, row["total"], row["align"])
+                        log.info("%s: iteration %d/%d, loss %.4f, %s %.4f", self.NODE_ID, trainer.iteration,
+                                 iterations, row["total"], *(("denoising", row["denoise"]) if resampled
+                                                             else ("alignment", row["align"])))
         except comfy.model_management.InterruptProcessingException:
             trainer.save_checkpoint(ckpt_path, extra)  # Cancel keeps what was trained; resume continues from it
             raise
@@ -406,16 +461,21 @@ class SpellFairLoRATrainer:
         lora_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(sd, lora_path, meta)
         summary = self.summary(trainer, classifier.classes, q, resumed, validation_seeds)
+        if resampled:
+            summary = (f"resampled own images: {len(trainer.data)} drawn, {int((trainer.weights > 0).sum())} read "
+                       f"confidently, {len(trainer.rounds)} corrections; " + summary)
         if best:
             summary += (f"; written: the EMA weights of iteration {written} (lowest validation bias, "
                         f"{trainer.best['bias']:.3f})")
         write_log(log_path, trainer.log, {"settings": trainer.config.__dict__, "classes": classifier.classes,
                                           "target": q.tolist(), "resumed_from": resumed, "lora": lora_path.name,
                                           "result": result, "written_iteration": written,
-                                          "validation_seeds": validation_seeds})
+                                          "validation_seeds": validation_seeds, "method": method,
+                                          **({"rounds": trainer.rounds} if resampled else {})})
         patched, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(lora_path)), 1.0, 0.0)
         report = f"saved models/loras/{lora_path.name} (log {log_path.name}); " + summary
-        return {"ui": {"text": [report]}, "result": (patched, report, image_batch([charts.training_chart(trainer.log)]))}
+        return {"ui": {"text": [report]}, "result": (patched, report, image_batch([charts.training_chart(
+            trainer.log, part=("denoise", "denoising loss") if resampled else ("align", "alignment loss"))]))}
 
     @staticmethod
     def latent_size(model, classifier) -> tuple[int, int]:

@@ -384,10 +384,11 @@ def smoothed(values: list[float], window: int) -> list[float]:
     return out
 
 
-def training_chart(rows: list[dict], title: str = "SPELL Fair LoRA Trainer", subtitle: str = "") -> np.ndarray:
-    """Training curves [HEIGHT, WIDTH, 3] uint8 from log rows ({"iteration", "total", "align", optional
-    "validation_bias"}): total and alignment loss (trailing means over 20 iterations) on the left axis, the
-    validation bias as dots on the right axis."""
+def training_chart(rows: list[dict], title: str = "SPELL Fair LoRA Trainer", subtitle: str = "",
+                   part: tuple[str, str] = ("align", "alignment loss")) -> np.ndarray:
+    """Training curves [HEIGHT, WIDTH, 3] uint8 from log rows ({"iteration", "total", part[0], optional
+    "validation_bias"}): total loss and the loss part[0] (labelled part[1]; trailing means over 20 iterations) on
+    the left axis, the validation bias as dots on the right axis."""
     c = Canvas()
     trained = [r for r in rows if "total" in r and math.isfinite(r["total"])]
     if not trained:
@@ -397,7 +398,7 @@ def training_chart(rows: list[dict], title: str = "SPELL Fair LoRA Trainer", sub
     x0, y0, x1, y1 = box
     last = max(r["iteration"] for r in trained)
     first = min(r["iteration"] for r in trained)
-    total, align = smoothed([r["total"] for r in trained], 20), smoothed([r["align"] for r in trained], 20)
+    total, align = smoothed([r["total"] for r in trained], 20), smoothed([r[part[0]] for r in trained], 20)
     top, ticks = nice_ticks(max(total + align) * 1.08 or 1.0)
     c.y_axis(box, top, ticks, "loss")
     val = [(r["iteration"], r["validation_bias"]) for r in rows if "validation_bias" in r]
@@ -421,7 +422,7 @@ def training_chart(rows: list[dict], title: str = "SPELL Fair LoRA Trainer", sub
             c.draw.line([(round(x_of(t)), y1), (round(x_of(t)), y1 + 4)], fill=AXIS)
             c.text((x_of(t), y1 + 6), f"{t:g}", size=11, anchor="ma")
     c.text(((x0 + x1) / 2, y1 + 24), "iteration", size=12, anchor="ma")
-    c.legend(x0, y0 - 26, [("total loss", REFERENCE, "line"), ("alignment loss", PEER, "line"),
+    c.legend(x0, y0 - 26, [("total loss", REFERENCE, "line"), (part[1], PEER, "line"),
                            ("validation bias", PUSH_SIZE, "line")], size=13)
     return c.array()
 

@@ -42,6 +42,7 @@ from .storage import StorageError, atomic_save, atomic_write_json, read_safetens
 
 DRAWS = ("stratified", "iid", "carried")
 GRADIENTS = ("adjusted", "naive")
+METHODS = ("alignment", "resampled")
 CLASSIFIER_FORMAT = "spell-latent-classifier/1"
 CHECKPOINT_FORMAT = "spell-fair-lora-checkpoint/1"
 EXACT_LIMIT = 4096  # label-count vectors enumerated exactly for K > 2 (more: Monte Carlo)
@@ -494,6 +495,10 @@ class FairLoRAConfig:
                                    # two of them up; 0: the batch alone (the paper's)
     seed: int = 0
     max_grad_norm: float = 1.0
+    method: str = "alignment"      # or "resampled" (``resampled.ResampledTrainer``: denoising on the model's own
+                                   # images, drawn at the rates the target asks of their classes)
+    own_images: int = 4000         # resampled: the frozen model's images of the prompt to draw from
+    rounds: int = 4                # resampled: the weights are corrected rounds − 1 times, evenly spaced
 
     def check(self) -> None:
         if self.draw not in DRAWS:
@@ -506,6 +511,10 @@ class FairLoRAConfig:
             raise ValueError(f"batch must be ≥ 2 (the target is a distribution over a batch), got {self.batch}")
         if self.pool < 0:
             raise ValueError(f"pool must be ≥ 0, got {self.pool}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.own_images < 10 or self.rounds < 1:
+            raise ValueError(f"own_images must be ≥ 10 and rounds ≥ 1, got {self.own_images} and {self.rounds}")
         for name in ("lr", "weight_decay", "ema", "threshold", "keep_weight", "mismatch_weight", "max_grad_norm"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
@@ -697,7 +706,9 @@ class FairTrainer:
                 p.copy_(s)
 
     # ---- checkpoints: everything needed to continue exactly where training stopped ----
-    def save_checkpoint(self, path: str | os.PathLike, extra: dict | None = None) -> None:
+    def save_checkpoint(self, path: str | os.PathLike, extra: dict | None = None,
+                        more: dict[str, torch.Tensor] | None = None) -> None:
+        """more: further tensors to keep (a subclass's data), stored as "data.<name>"."""
         tensors = {f"param.{i}": p.detach().float().contiguous().clone() for i, p in enumerate(self.params)}
         tensors.update({f"ema.{i}": e.float().contiguous().clone() for i, e in enumerate(self.ema)})
         state = self.opt.state_dict()
@@ -706,6 +717,7 @@ class FairTrainer:
                 tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).float().reshape(-1).clone() if k == "step" else v.float().contiguous().clone()
         tensors["rng"] = self.generator.get_state().clone()
         tensors.update({f"pool.{k}": v.contiguous() for k, v in self.pools.items()})
+        tensors.update({f"data.{k}": v.contiguous() for k, v in (more or {}).items()})
         best = {}
         if self.best is not None:
             tensors.update({f"best.{i}": e.float().contiguous().clone() for i, e in enumerate(self.best["ema"])})
@@ -726,6 +738,8 @@ class FairTrainer:
         saved.setdefault("ema_warmup", False)  # checkpoints from before the option used a constant decay
         saved.setdefault("class_reference", False)  # and the frozen image of the same prompt as every reference
         saved.setdefault("pool", 0)  # and assigned each batch alone
+        for key, old in (("method", "alignment"), ("own_images", 4000), ("rounds", 4)):
+            saved.setdefault(key, old)  # and knew one method
         mine = asdict(self.config)
         differ = sorted(k for k in mine if k != "iterations" and json.dumps(saved.get(k)) != json.dumps(mine[k]))
         if differ:

@@ -203,3 +203,82 @@ def test_bad_input_names_the_node(comfy, demo, change, message):
     with pytest.raises(ValueError, match=f"SpellFairLoRATrainer: .*{message}"):
         change = dict(change)
         train(comfy, demo, change.pop("name", "test_bad"), **change)
+
+
+RESAMPLED = dict(method="resampled own images", own_images=60, rounds=2, batch_size=8, steps=2, ema_warmup=True,
+                 target="1: 0.5, 7: 0.5",
+                 preservation=1.0)
+
+
+@pytest.fixture(scope="module")
+def sharper(comfy, demo):
+    """A classifier of more examples than the module's, so that 60 images of "any digit" hold confident ones."""
+    nodes = comfy.NODE_CLASS_MAPPINGS
+    model = demo[0]
+    images, labels = nodes["SpellDemoDigitExamples"]().load(40)
+    vae = nodes["SpellDemoModelLoader"]().load()[1]
+    clf = nodes["SpellLatentClassifierTrainer"]().train(model, vae, "(none)", "test_clf_sharp", 64, 64, 15, 0.2, 0,
+                                                        True, images, labels)["result"][0]
+    return (demo[0], clf, demo[2], demo[3])
+
+
+def test_resampled_method_is_read_by_the_stock_loader_and_resumes_bit_for_bit(comfy, sharper):
+    out = train(comfy, sharper, "test_rs_straight", iterations=4, **RESAMPLED)
+    report = out["result"][1]
+    assert "resampled own images: 60 drawn" in report and "1 corrections" in report
+    loras = Path(folder_paths.get_folder_paths("loras")[0])
+    log = json.loads((loras / "test_rs_straight.training.json").read_text())
+    assert log["summary"]["method"] == "resampled own images" and log["summary"]["settings"]["method"] == "resampled"
+    assert [r["iteration"] for r in log["summary"]["rounds"]] == [2]
+    assert all("denoise" in r for r in log["iterations"][1:]) and out["result"][2].shape[-1] == 3
+    model, _, pos, neg = sharper
+    stock = comfy.NODE_CLASS_MAPPINGS["LoraLoaderModelOnly"]().load_lora_model_only(model, "test_rs_straight.safetensors",
+                                                                                   1.0)[0]
+    sd = comfy_utils.load_torch_file(str(loras / "test_rs_straight.safetensors"))
+    assert len(stock.patches) == sum(k.endswith(".lora_up.weight") for k in sd) > 0
+    assert any(float(v.abs().max()) > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))  # it trained
+
+    previous = comfy_utils.PROGRESS_BAR_HOOK
+
+    def cancel_at_two(value, total, preview, node_id=None):
+        if value == 2 and total == 4:  # the training's bar (the drawing's counts the 60 images)
+            mm.interrupt_current_processing(True)
+
+    comfy_utils.set_progress_bar_global_hook(cancel_at_two)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            train(comfy, sharper, "test_rs_resumed", iterations=4, **RESAMPLED)
+    finally:
+        mm.interrupt_current_processing(False)
+        comfy_utils.set_progress_bar_global_hook(previous)
+    resumed = train(comfy, sharper, "test_rs_resumed", iterations=4, resume=True, **RESAMPLED)
+    assert "resumed at 2" in resumed["result"][1] and "resampled own images: 60 drawn" in resumed["result"][1]
+    a = comfy_utils.load_torch_file(str(loras / "test_rs_straight.safetensors"))
+    b = comfy_utils.load_torch_file(str(loras / "test_rs_resumed.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="SpellFairLoRATrainer: .*other settings .*own_images"):
+        train(comfy, sharper, "test_rs_resumed", iterations=6, resume=True, **{**RESAMPLED, "own_images": 80})
+
+
+def test_resampled_method_moves_the_prompts_classes_toward_the_target(comfy, sharper):
+    out = train(comfy, sharper, "test_rs_works", iterations=40, every=40,
+                validation_seeds=128, learning_rate=3e-3,
+                **{**RESAMPLED, "own_images": 200, "batch_size": 32, "steps": 4, "rounds": 1})
+    log = json.loads((Path(folder_paths.get_folder_paths("loras")[0]) / "test_rs_works.training.json").read_text())
+    before, after = log["iterations"][0]["validation_share"], log["iterations"][-1]["validation_share"]
+    # the same 128 seeds before and after: the LoRA draws more sevens and fewer other digits than the frozen model
+    assert after[7] > before[7] + 0.1, (before, after, out["result"][1])
+    assert 1 - after[1] - after[7] < 1 - before[1] - before[7] - 0.1, (before, after)
+
+
+def test_resampled_method_refuses_what_it_cannot_train(comfy, sharper):
+    model, clf, pos, neg = sharper
+    with pytest.raises(ValueError, match="SpellFairLoRATrainer: method 'resampled own images' trains one prompt; "
+                                         "positive holds 2"):
+        train(comfy, sharper, "test_rs_two", positive=pos + pos, **RESAMPLED)
+    with pytest.raises(ValueError, match="SpellFairLoRATrainer: no image is read as class .* draw more images of the "
+                                         "prompt \\(own_images\\)"):
+        train(comfy, sharper, "test_rs_few", **{**RESAMPLED, "own_images": 10})
+    with pytest.raises(ValueError, match="SpellFairLoRATrainer: method must be one of distributional alignment, "
+                                         "resampled own images"):
+        train(comfy, sharper, "test_rs_bad", method="resample")
