@@ -1,13 +1,16 @@
-"""Fair by construction: a LoRA finetuned with the distributional alignment loss (Shen et al., ICLR 2024), and
-the latent attribute classifier its training needs. The maths is in ``spell_core/finetune.py``; here ComfyUI's
-model, conditioning, schedules, folders, progress bar and Cancel are adapted to it.
+"""Fair by construction: a LoRA finetuned with the distributional alignment loss (Shen et al., ICLR 2024) or on
+the model's own images resampled to the target, and the latent attribute classifier its training needs. The maths
+is in ``spell_core/finetune.py`` and ``spell_core/resampled.py``; here ComfyUI's model, conditioning, schedules,
+folders, progress bar and Cancel are adapted to it.
 
 - SPELL Latent Classifier Trainer: a small CNN on the model's latents from labelled images (a folder of class
   sub-folders under input/, and/or IMAGE + labels: the head trainer's convention) ->
   models/spell_classifiers/<name>.safetensors. It is what the training steers by; judge the result with
   something else (the demo's benchmark uses the demo's own evaluator on decoded pixels).
-- SPELL Fair LoRA Trainer: trains a LoRA on the U-Net's attention projections through the sampling chain
-  (adjusted DFT) so that the prompt alone, at batch 1 and with any sampler, gives the target distribution.
+- SPELL Fair LoRA Trainer: trains a LoRA on the U-Net's attention projections, through the sampling chain
+  (adjusted DFT) or (``method`` "resampled own images") by denoising on the frozen model's own images drawn at the
+  rates the target asks of their classes, so that the prompt alone, at batch 1 and with any sampler, gives the
+  target distribution.
   Writes models/loras/<name>.safetensors (the EMA weights, of the last iteration or, with ``result`` "lowest
   validation bias", of the validation with the lowest bias, in the key format of ComfyUI's stock LoraLoader and
   LoraLoaderModelOnly), models/loras/<name>.training.json (settings, every iteration's losses and gradient norm,
@@ -246,9 +249,12 @@ class SpellFairLoRATrainer:
     CATEGORY = "SPELL/fairness"
     DESCRIPTION = (
         "Finetunes a LoRA so that the prompt alone generates the target distribution of an attribute, at batch 1, "
-        "with any sampler and no extra sampling cost (Shen et al., ICLR 2024: distributional alignment loss through "
-        "the sampling chain, adjusted DFT). Writes models/loras/<name>.safetensors for ComfyUI's LoraLoader, a "
-        "training log beside it, and checkpoints that Cancel keeps and resume continues from."
+        "with any sampler and no extra sampling cost. Two methods: distributional alignment (Shen et al., ICLR "
+        "2024: the classifier's loss through the sampling chain, adjusted DFT) and resampled own images (the "
+        "model's own images of the prompt, weighted by the class the classifier reads so the classes follow the "
+        "target, learned with the model's denoising loss; the demo's LoRA). Writes models/loras/<name>.safetensors "
+        "for ComfyUI's LoraLoader, a training log beside it, and checkpoints that Cancel keeps and resume "
+        "continues from."
     )
     RETURN_TYPES = ("MODEL", "STRING", "IMAGE")
     RETURN_NAMES = ("model", "report", "chart")
