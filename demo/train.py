@@ -25,6 +25,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: 2 threads stay fast on a busy CPU
 import torch  # noqa: E402
 
+from spell_core.resampled import denoising_loss  # noqa: E402  (the loss the resampled fair LoRA trains with too)
+
 SEED = 0
 MODEL_CHANNELS = 32
 STEPS = 6000
@@ -73,7 +75,7 @@ def denoiser_loss(base, z0: torch.Tensor, context: torch.Tensor, g: torch.Genera
     sigma = sigmas[torch.randint(len(sigmas), (z0.shape[0],), generator=g)][:, None, None, None]
     x_t = z0 + sigma * torch.randn(z0.shape, generator=g)
     x0_hat = base.apply_model(x_t, sigma.flatten(), c_crossattn=context)
-    return ((1 / sigma**2 + 1) * (x0_hat - z0).pow(2)).mean()
+    return denoising_loss(x0_hat, z0, sigma.flatten())
 
 
 def train(steps: int = STEPS) -> tuple[dict, torch.Tensor, dict]:
